@@ -1,0 +1,81 @@
+// Shared helpers for the torch bindings of the CPU kernels.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/simd_math.h"
+
+namespace uf {
+
+// Load row [0, n) of src (any of fp32/bf16/fp16) as float.  Returns a pointer to the
+// row itself for fp32 (no copy) or to `buf` filled with the converted values.
+template <typename T>
+inline const float* row_as_float(const T* src, int64_t n, float* buf);
+
+template <>
+inline const float* row_as_float<float>(const float* src, int64_t, float*) {
+  return src;
+}
+
+template <>
+inline const float* row_as_float<c10::BFloat16>(const c10::BFloat16* src, int64_t n, float* buf) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_bits_to_float(bits[i]);
+  return buf;
+}
+
+template <>
+inline const float* row_as_float<c10::Half>(const c10::Half* src, int64_t n, float* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+  return buf;
+}
+
+// Store a float row into dst of type T (round to nearest even).
+template <typename T>
+inline void store_row(const float* src, int64_t n, T* dst);
+
+template <>
+inline void store_row<float>(const float* src, int64_t n, float* dst) {
+  if (src != dst) std::copy(src, src + n, dst);
+}
+
+template <>
+inline void store_row<c10::BFloat16>(const float* src, int64_t n, c10::BFloat16* dst) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) bits[i] = float_to_bf16_bits(src[i]);
+}
+
+template <>
+inline void store_row<c10::Half>(const float* src, int64_t n, c10::Half* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
+#define UF_DISPATCH_FLOAT(dtype, NAME, ...)                                                   \
+  [&] {                                                                                       \
+    switch (dtype) {                                                                          \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }                      \
+      case at::kBFloat16: { using scalar_t = c10::BFloat16; return __VA_ARGS__(); }          \
+      case at::kHalf: { using scalar_t = c10::Half; return __VA_ARGS__(); }                   \
+      default: TORCH_CHECK(false, NAME, ": unsupported dtype ", dtype, " (float32/bfloat16/float16)"); \
+    }                                                                                         \
+  }()
+
+// Optional float mask as a raw pointer (nullptr when absent).
+inline const float* optional_mask_ptr(const std::optional<at::Tensor>& mask, int64_t expected,
+                                      const char* name) {
+  if (!mask.has_value() || !mask->defined()) return nullptr;
+  TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->is_contiguous() && mask->numel() == expected,
+              name, ": expected a contiguous float32 tensor of ", expected, " elements");
+  return mask->data_ptr<float>();
+}
+
+}  // namespace uf

@@ -1,0 +1,58 @@
+"""Pieces shared by the op modules: reductions over per-row losses, lazy native op
+namespaces, and the kernel-pair record the backends register."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+@dataclass(frozen=True)
+class KernelPair:
+    """A backend's forward and backward entry points for one op."""
+
+    forward: Callable
+    backward: Callable
+
+
+def cpu_ops():
+    """``torch.ops.unlearn_fast_cpu`` after loading the C++ extension that defines it."""
+    from unlearn_fast.backends import native_cpu
+
+    if native_cpu() is None:  # resolve() has already refused, this is a safety net
+        raise RuntimeError("unlearn_fast._C is not built")
+    return torch.ops.unlearn_fast_cpu
+
+
+def cuda_ops():
+    """``torch.ops.unlearn_fast_cuda`` after loading the CUDA extension that defines it."""
+    from unlearn_fast.backends import native_cuda
+
+    if native_cuda() is None:
+        raise RuntimeError("unlearn_fast._C_cuda is not built")
+    return torch.ops.unlearn_fast_cuda
+
+
+def reduce_rows(rows: torch.Tensor, kept: Optional[torch.Tensor], reduction: str, lead_shape,
+                siu_denominator_scale: int = 1) -> torch.Tensor:
+    """Reduce per-row losses (0 at masked rows).
+
+    ``kept`` is the float token mask (None: every row kept).  "mean" divides by the number
+    of kept rows and gives 0 (not NaN) when none are kept; "siu" also divides by
+    ``siu_denominator_scale`` (the vocabulary size).  No host synchronisation.
+    """
+    if reduction == "none":
+        return rows.reshape(lead_shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    count = kept.sum() if kept is not None else torch.tensor(float(rows.numel()), device=rows.device)
+    count = count.clamp(min=1.0)
+    if reduction == "mean":
+        return total / count
+    if reduction == "siu":
+        return total / (count * siu_denominator_scale)
+    raise ValueError(f"unknown reduction {reduction!r}")
