@@ -1,0 +1,251 @@
+"""Timing, peak-memory and result-writing helpers shared by every benchmark suite.
+
+Schema: one row per measurement
+    op, provider, mode, shape, dtype, device, metric, value, version, timestamp
+``shape`` is a string like "N=2048,V=32000"; ``metric`` is one of
+    time_median_s, time_iqr_s, peak_mem_bytes, ratio_to_eager (eager time / this time),
+    mem_ratio_to_eager, bandwidth_gbps, roofline_floor_s, roofline_fraction, tokens_per_s ...
+``Recorder.write(out_dir)`` writes bench.json (a list of rows), bench.csv, and plots.
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+SCHEMA_FIELDS = ("op", "provider", "mode", "shape", "dtype", "device", "metric", "value", "version", "timestamp")
+
+
+def _version() -> str:
+    from unlearn_fast import __version__
+
+    return __version__
+
+
+@dataclass
+class Row:
+    op: str
+    provider: str
+    mode: str
+    shape: str
+    dtype: str
+    device: str
+    metric: str
+    value: float
+    version: str = field(default_factory=_version)
+    timestamp: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def validate_rows(rows: List[dict]) -> None:
+    """Raise ValueError if ``rows`` do not follow the schema (used by tests and loaders)."""
+    for i, row in enumerate(rows):
+        missing = [f for f in SCHEMA_FIELDS if f not in row]
+        if missing:
+            raise ValueError(f"row {i} lacks fields {missing}")
+        if not isinstance(row["value"], (int, float)):
+            raise ValueError(f"row {i}: value must be a number, got {row['value']!r}")
+        for f in SCHEMA_FIELDS:
+            if f != "value" and not isinstance(row[f], str):
+                raise ValueError(f"row {i}: field {f} must be a string")
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str = "cpu", *, warmup: int = 1, reps: int = 5,
+            max_seconds: float = 30.0) -> List[float]:
+    """Wall times of ``fn()`` (seconds), after ``warmup`` calls; stops early past max_seconds."""
+    for _ in range(warmup):
+        fn()
+        synchronize(device)
+    times = []
+    start = time.perf_counter()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds and len(times) >= 2:
+            break
+    return times
+
+
+def median_iqr(times: List[float]):
+    med = statistics.median(times)
+    if len(times) >= 4:
+        q = statistics.quantiles(times, n=4)
+        return med, q[2] - q[0]
+    return med, max(times) - min(times)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _RssSampler:
+    """Peak resident set size while a block runs, sampled every ~0.2 ms in a thread.
+
+    torch has no CPU allocator statistics; large tensors are mmap'd and returned to the
+    OS on free, so RSS tracks them.  The peak is reported relative to the RSS before the
+    block (inputs already allocated are not counted)."""
+
+    def __init__(self, interval: float = 2e-4):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        gc.collect()
+        self.base = _rss_bytes()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self.peak = max(self.peak, _rss_bytes())
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def extra(self) -> int:
+        return max(0, self.peak - self.base)
+
+
+def peak_memory(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak memory allocated while ``fn()`` runs, above what was allocated before (bytes).
+
+    What ``fn`` returns is dropped after the measurement, so it counts in the peak:
+    subtract the size of returned gradients yourself when the target excludes them."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return int(peak)
+    with _RssSampler() as sampler:
+        out = fn()
+        del out
+        sampler.peak = max(sampler.peak, _rss_bytes())
+    return int(sampler.extra)
+
+
+_BANDWIDTH: Dict[str, float] = {}
+
+
+def measured_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20) -> float:
+    """Device memory bandwidth in bytes/s from a large copy (read + write), measured once."""
+    if device in _BANDWIDTH:
+        return _BANDWIDTH[device]
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = time_fn(lambda: dst.copy_(src), device, warmup=2, reps=7)
+    bw = 2 * nbytes / statistics.median(times)
+    _BANDWIDTH[device] = bw
+    return bw
+
+
+class Recorder:
+    """Collects rows; writes JSON, CSV and plots atomically."""
+
+    def __init__(self, quiet: bool = False):
+        self.rows: List[Row] = []
+        self.quiet = quiet
+
+    def add(self, op: str, provider: str, mode: str, shape: str, dtype: str, device: str, metric: str,
+            value: float) -> None:
+        self.rows.append(Row(op, provider, mode, shape, dtype, device, metric, float(value)))
+
+    def add_timing(self, op, provider, mode, shape, dtype, device, times: List[float],
+                   peak_bytes: Optional[int] = None, eager_median: Optional[float] = None,
+                   eager_peak: Optional[int] = None, floor_seconds: Optional[float] = None) -> float:
+        """Add the standard rows for one (op, provider, mode, shape, dtype) measurement."""
+        med, iqr = median_iqr(times)
+        add = lambda m, v: self.add(op, provider, mode, shape, dtype, device, m, v)  # noqa: E731
+        add("time_median_s", med)
+        add("time_iqr_s", iqr)
+        if peak_bytes is not None:
+            add("peak_mem_bytes", peak_bytes)
+        if eager_median is not None:
+            add("ratio_to_eager", eager_median / med)
+        if eager_peak is not None and peak_bytes is not None and eager_peak > 0:
+            add("mem_ratio_to_eager", peak_bytes / eager_peak)
+        if floor_seconds is not None:
+            add("roofline_floor_s", floor_seconds)
+            add("roofline_fraction", floor_seconds / med)
+        if not self.quiet:
+            extra = f"  x{eager_median / med:5.2f} vs eager" if eager_median else ""
+            mem = f"  peak {peak_bytes / 2**20:9.1f} MiB" if peak_bytes is not None else ""
+            print(f"{op:>24} {provider:>16} {mode:>8} {shape:>24} {dtype:>9}  {med * 1e3:10.2f} ms{mem}{extra}",
+                  flush=True)
+        return med
+
+    def as_dicts(self) -> List[dict]:
+        return [asdict(r) for r in self.rows]
+
+    def write(self, out_dir: str, plot: bool = True) -> List[str]:
+        """Write out_dir/bench.json (list of rows) and bench.csv atomically; plots too."""
+        os.makedirs(out_dir, exist_ok=True)
+        rows = self.as_dicts()
+        validate_rows(rows)
+        # Merge with rows already there from other suites run into the same folder.
+        path = os.path.join(out_dir, "bench.json")
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    old = json.load(f)
+                validate_rows(old)
+                rows = old + rows
+            except (ValueError, json.JSONDecodeError):
+                pass
+        written = [write_atomic_json(path, rows)]
+        written.append(_write_atomic_csv(os.path.join(out_dir, "bench.csv"), rows))
+        if plot:
+            from unlearn_fast.bench.plots import plot_rows
+
+            written += plot_rows(rows, out_dir)
+        return written
+
+
+def write_atomic_json(path: str, obj) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_atomic_csv(path: str, rows: List[dict]) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".csv")
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(SCHEMA_FIELDS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in SCHEMA_FIELDS})
+    os.replace(tmp, path)
+    return path
