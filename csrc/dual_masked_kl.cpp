@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor> dmk_fwd_cpu(const at::Tensor& student, const 
   const float* kv = optional_mask_ptr(vocab_mask, V, "vocab_mask");
   auto opts = student.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({N}, opts);
-  at::Tensor stats = at::empty({N, 3}, opts);
+  at::Tensor stats = at::empty({N, kDmkStats}, opts);
   float* loss_p = loss.data_ptr<float>();
   float* stats_p = stats.data_ptr<float>();
   const float inv_t = static_cast<float>(inv_temperature);
@@ -37,16 +37,19 @@ std::tuple<at::Tensor, at::Tensor> dmk_fwd_cpu(const at::Tensor& student, const 
       for (int64_t r = begin; r < end; ++r) {
         if (ks != nullptr && ks[r] == 0.f) {  // masked position: no work, zero loss
           loss_p[r] = 0.f;
-          stats_p[3 * r] = stats_p[3 * r + 1] = stats_p[3 * r + 2] = 0.f;
+          std::fill(stats_p + kDmkStats * r, stats_p + kDmkStats * (r + 1), 0.f);
           continue;
         }
         const float* srow = row_as_float(s + r * V, V, sbuf.data());
         const float* trow = row_as_float(t + r * V, V, tbuf.data());
         DmkRowStats st = dmk_row_forward(srow, trow, kv, V, inv_t, cross_entropy);
         loss_p[r] = ks != nullptr ? ks[r] * st.loss : st.loss;
-        stats_p[3 * r] = st.lse_a;
-        stats_p[3 * r + 1] = st.lse_b;
-        stats_p[3 * r + 2] = st.kept;
+        float* out = stats_p + kDmkStats * r;
+        out[0] = st.max_a;
+        out[1] = st.logsum_a;
+        out[2] = st.max_b;
+        out[3] = st.logsum_b;
+        out[4] = st.kept;
       }
     });
   });
@@ -59,8 +62,8 @@ at::Tensor dmk_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& student, c
   const int64_t N = student.size(0), V = student.size(1);
   TORCH_CHECK(grad_rows.scalar_type() == at::kFloat && grad_rows.is_contiguous() && grad_rows.numel() == N,
               "dual_masked_kl_bwd: grad_rows must be float32 (N,)");
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == 3 * N,
-              "dual_masked_kl_bwd: stats must be float32 (N, 3)");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == kDmkStats * N,
+              "dual_masked_kl_bwd: stats must be float32 (N, 5)");
   const float* ks = optional_mask_ptr(token_mask, N, "token_mask");
   const float* kv = optional_mask_ptr(vocab_mask, V, "vocab_mask");
   at::Tensor grad = at::empty_like(student);
@@ -88,7 +91,8 @@ at::Tensor dmk_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& student, c
         const float* srow = row_as_float(s + r * V, V, sbuf.data());
         const float* trow = row_as_float(t + r * V, V, tbuf.data());
         float* out = std::is_same<scalar_t, float>::value ? reinterpret_cast<float*>(grow) : gbuf.data();
-        dmk_row_backward(srow, trow, kv, V, inv_t, st[3 * r], st[3 * r + 1], st[3 * r + 2], scale, out);
+        const float* rs = st + kDmkStats * r;
+        dmk_row_backward(srow, trow, kv, V, inv_t, rs[0], rs[1], rs[2], rs[3], rs[4], scale, out);
         store_row(out, V, grow);
       }
     });

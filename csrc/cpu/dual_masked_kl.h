@@ -16,8 +16,11 @@
 // sum p (b - a) would otherwise cancel catastrophically in fp32.  Then
 //   KL = W / sb + S (log sa - log sb),   sum K_V p log p = E / sb - S log sb,
 //   CE = KL - sum K_V p log p.
-// Backward recomputes p and q from the saved lse's: one more pass, no stored
-// probabilities.
+// Backward recomputes p and q from the saved row statistics: one more pass, no
+// stored probabilities.  The statistics keep each maximum and log-sum apart
+// (lse = max + log_sum): at logits of 1e4 an fp32 lse is off by up to half an ulp
+// (5e-4), which would become a 5e-4 relative error in every probability, whereas
+// (x - max) is exact and log_sum is small.
 #pragma once
 
 #include <algorithm>
@@ -29,11 +32,15 @@
 
 namespace uf {
 
+// Per-row statistics saved for backward, in this order (kDmkStats floats per row).
+constexpr int kDmkStats = 5;
 struct DmkRowStats {
-  float loss;   // KL or CE for the row (before the token mask)
-  float lse_a;  // log-sum-exp of s / T
-  float lse_b;  // log-sum-exp of t / T
-  float kept;   // S = sum_v K_V p
+  float loss;     // KL or CE for the row (before the token mask)
+  float max_a;    // max of s / T
+  float logsum_a; // log sum exp(s / T - max_a)
+  float max_b;    // max of t / T
+  float logsum_b; // log sum exp(t / T - max_b)
+  float kept;     // S = sum_v K_V p
 };
 
 constexpr int64_t kDmkBlock = 2048;
@@ -114,27 +121,30 @@ inline DmkRowStats dmk_row_forward(const float* s, const float* t, const float* 
   const float kl = w / sb + kept * (log_sa - log_sb);
   DmkRowStats out;
   out.loss = cross_entropy ? kl - (e / sb - kept * log_sb) : kl;
-  out.lse_a = ma + log_sa;
-  out.lse_b = mb + log_sb;
+  out.max_a = ma;
+  out.logsum_a = log_sa;
+  out.max_b = mb;
+  out.logsum_b = log_sb;
   out.kept = kept;
   return out;
 }
 
 // g[v] = scale * (q_v * S - K_V(v) * p_v), scale = grad_row * K_S / T.
 inline void dmk_row_backward(const float* s, const float* t, const float* kv, int64_t V, float inv_t,
-                             float lse_a, float lse_b, float kept, float scale, float* g) {
+                             float max_a, float logsum_a, float max_b, float logsum_b, float kept, float scale,
+                             float* g) {
   if (kv != nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < V; ++i) {
-      const float q = fast_exp(s[i] * inv_t - lse_a);
-      const float p = fast_exp(t[i] * inv_t - lse_b);
+      const float q = fast_exp((s[i] * inv_t - max_a) - logsum_a);
+      const float p = fast_exp((t[i] * inv_t - max_b) - logsum_b);
       g[i] = scale * (q * kept - kv[i] * p);
     }
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < V; ++i) {
-      const float q = fast_exp(s[i] * inv_t - lse_a);
-      const float p = fast_exp(t[i] * inv_t - lse_b);
+      const float q = fast_exp((s[i] * inv_t - max_a) - logsum_a);
+      const float p = fast_exp((t[i] * inv_t - max_b) - logsum_b);
       g[i] = scale * (q * kept - p);
     }
   }

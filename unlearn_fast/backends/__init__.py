@@ -146,7 +146,14 @@ def _why_not(op: str, backend: str, device: str) -> Optional[str]:
 
 def resolve(op: str, backend: str, device: torch.device | str) -> str:
     """Return the backend name that will run ``op`` on ``device`` for a requested ``backend``."""
-    dev = torch.device(device).type
+    dev = device if isinstance(device, str) else device.type
+    return _resolve(op, backend, dev.split(":")[0])
+
+
+# torch.compile runs this eagerly and treats the name as a constant, so dispatch adds
+# no graph breaks (it imports modules and warns, which dynamo will not trace).
+@torch.compiler.assume_constant_result
+def _resolve(op: str, backend: str, dev: str) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend != "auto":

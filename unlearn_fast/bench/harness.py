@@ -95,6 +95,30 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+_MALLOC_TUNED = False
+
+
+def _tune_malloc_for_rss() -> None:
+    """Make glibc serve every allocation of 64 KiB or more with mmap, and unmap it on free.
+
+    By default glibc raises its mmap threshold after the first large free (up to 32 MiB)
+    and then recycles freed heap memory without it ever leaving the RSS, which hides
+    temporaries from the sampler.  A fixed threshold makes RSS follow tensor lifetimes."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+    except OSError:  # not glibc: the sampler still works, less precisely
+        pass
+
+
 class _RssSampler:
     """Peak resident set size while a block runs, sampled every ~0.2 ms in a thread.
 
@@ -108,6 +132,7 @@ class _RssSampler:
         self._stop = threading.Event()
 
     def __enter__(self):
+        _tune_malloc_for_rss()
         gc.collect()
         self.base = _rss_bytes()
         self.peak = self.base

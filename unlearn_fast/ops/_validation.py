@@ -55,20 +55,30 @@ def mask_as_float(mask, name: str, shape: Sequence[int], device: torch.device) -
 
 
 def index_tensor(ids, name: str, upper: int, device: torch.device) -> torch.Tensor:
-    """Token ids (list/tuple/tensor of ints) checked to lie in [0, upper)."""
+    """Token ids (list/tuple/tensor of ints) checked to lie in [0, upper).
+
+    A Python sequence is checked in Python.  A tensor is checked with one host read of
+    its min and max (a small id list, not a per-token tensor); under torch.compile that
+    read would be a data-dependent guard, so there the check is skipped."""
     if isinstance(ids, torch.Tensor):
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
             raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
         t = ids.reshape(-1).to(device=device, dtype=torch.long)
-    else:
-        try:
-            values = [int(i) for i in ids]
-        except TypeError as exc:
-            raise TypeError(f"{name} must be a sequence or tensor of integer token ids") from exc
-        t = torch.tensor(values, dtype=torch.long, device=device)
-    if t.numel():
-        # A one-off host check on a small id list (not a per-token tensor) is fine here.
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= upper:
-            raise ValueError(f"{name} must lie in [0, {upper}) (the vocabulary size), got values in [{lo}, {hi}]")
-    return t
+        if t.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(t.min()), int(t.max())
+            _check_range(lo, hi, name, upper)
+        return t
+    try:
+        values = [int(i) for i in ids]
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a sequence or tensor of integer token ids") from exc
+    if any(isinstance(i, float) and not float(i).is_integer() for i in ids):
+        raise TypeError(f"{name} must hold integer token ids")
+    if values:
+        _check_range(min(values), max(values), name, upper)
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _check_range(lo: int, hi: int, name: str, upper: int) -> None:
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name} must lie in [0, {upper}) (the vocabulary size), got values in [{lo}, {hi}]")

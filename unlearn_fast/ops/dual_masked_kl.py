@@ -26,6 +26,11 @@ from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, reduce_rows
 OP = "dual_masked_kl"
 FORMS = ("kl", "cross_entropy")
 DMK_REDUCTIONS = ("none", "sum", "mean", "siu")
+# Row statistics a fused forward saves for backward (float32 (N, 5)):
+#   max(s/T), log sum exp(s/T - max), max(t/T), log sum exp(t/T - max), S = sum K_V p.
+# Maxima and log-sums are kept apart because an fp32 lse of logits near 1e4 is off by
+# up to 5e-4, an error every recomputed probability would inherit.
+STATS_PER_ROW = 5
 
 
 # --------------------------------------------------------------------------------------
@@ -52,7 +57,7 @@ def reference_rows(student: torch.Tensor, teacher: torch.Tensor, token_mask: Opt
 # --------------------------------------------------------------------------------------
 # The custom op: one entry for every fused backend (the backend name is an argument),
 # with a fake kernel for torch.compile and an autograd formula that recomputes p and q
-# in backward from three saved floats per row.
+# in backward from five saved floats per row.
 # --------------------------------------------------------------------------------------
 @torch.library.custom_op("unlearn_fast::dual_masked_kl_fwd", mutates_args=())
 def _dmk_fwd(student: torch.Tensor, teacher: torch.Tensor, token_mask: Optional[torch.Tensor],
@@ -65,7 +70,7 @@ def _dmk_fwd(student: torch.Tensor, teacher: torch.Tensor, token_mask: Optional[
 @_dmk_fwd.register_fake
 def _(student, teacher, token_mask, vocab_mask, inv_temperature, cross_entropy, backend):
     n = student.shape[0]
-    return student.new_empty((n,), dtype=torch.float32), student.new_empty((n, 3), dtype=torch.float32)
+    return student.new_empty((n,), dtype=torch.float32), student.new_empty((n, STATS_PER_ROW), dtype=torch.float32)
 
 
 @torch.library.custom_op("unlearn_fast::dual_masked_kl_bwd", mutates_args=())
