@@ -1,0 +1,433 @@
+"""Per-token statistics of a language-model head, fused: one pass over the vocabulary
+per token gives everything the unlearning losses and the membership-inference metrics
+need, computed chunk by chunk from the hidden states and the head weight so the
+(tokens x vocab) logits never exist.
+
+For a token with logits z = W h (+ b), p = softmax(z) and target t:
+
+    logprob  = log p_t = z_t - lse                  (differentiable)
+    lse      = log sum_v exp z_v
+    entropy  = -sum_v p_v log p_v
+    mean_logp = E_p[log p] = -entropy               (Min-K%++'s mu)
+    std_logp = sqrt(E_p[(log p)^2] - mean_logp^2)  (Min-K%++'s sigma)
+    argmax   = first index of the largest logit;  correct = (argmax == t)
+
+Positions whose target equals ``ignore_index`` give 0 (False for "correct") in every
+statistic and no gradient.  Only "logprob" carries a gradient; the others are returned
+detached.
+
+Chunking (the fused backends): tokens are processed ``chunk_size`` at a time; the logits
+chunk hidden[c] @ W^T (+ b) goes through BLAS / cuBLAS into one reused buffer, then one
+fused row pass computes the statistics in float32.  The backward recomputes each chunk's
+logits, forms grad_logits = go * (onehot - p) in float32 (the true-class term too), and
+accumulates grad_hidden = g @ W and grad_weight += g^T @ hidden[c] in a float32 buffer
+(only when the weight requires grad) and grad_bias += sum of g.  The default chunk size
+keeps one float32 chunk, chunk_size x V x 4 bytes, under 64 MiB (``default_chunk_size``):
+110 tokens at V = 151,936, 520 at V = 32,000.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from unlearn_fast import backends
+from unlearn_fast.ops import _validation as V
+from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops
+
+OP = "token_stats"  # from hidden states and the head weight
+OP_LOGITS = "token_stats_from_logits"
+STATS = ("logprob", "lse", "entropy", "mean_logp", "std_logp", "argmax", "correct")
+CHUNK_BYTES = 64 * 2**20
+
+
+def default_chunk_size(vocab_size: int, num_tokens: Optional[int] = None) -> int:
+    """Tokens per chunk: the largest multiple of 8 with chunk x V x 4 bytes <= 64 MiB
+    (at least 1; at most ``num_tokens`` when given)."""
+    c = max(1, CHUNK_BYTES // (4 * max(int(vocab_size), 1)))
+    if c >= 8:
+        c -= c % 8
+    if num_tokens is not None:
+        c = max(1, min(c, int(num_tokens)))
+    return c
+
+
+# --------------------------------------------------------------------------------------
+# Eager reference: full logits, log_softmax, gather.  The "eager" backend, the benchmark
+# baseline and (in float64) the test oracle.  Returns the same 4-tuple as the kernels:
+# (logprob, lse, extras (N, 2) = [entropy, std_logp], argmax).
+# --------------------------------------------------------------------------------------
+def reference_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                   extras: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    logp = torch.log_softmax(logits, dim=-1)
+    lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1).to(out_dtype) * valid.to(out_dtype)
+    n = logits.shape[0]
+    if not extras:
+        z = logits.new_zeros((n,), dtype=out_dtype)
+        return lp, z, logits.new_zeros((n, 2), dtype=out_dtype), torch.zeros_like(targets)
+    with torch.no_grad():
+        vf = valid.to(out_dtype)
+        lpd = logp.detach().to(out_dtype)
+        p = lpd.exp()
+        lse = torch.logsumexp(logits.detach().to(out_dtype), dim=-1) * vf
+        mean = (p * lpd).sum(-1)
+        std = (p * (lpd - mean.unsqueeze(-1)).square()).sum(-1).clamp_min(0).sqrt() * vf
+        entropy = -mean * vf
+        am = torch.where(valid, logits.detach().argmax(-1), torch.zeros_like(targets))
+    return lp, lse, torch.stack([entropy, std], dim=-1), am
+
+
+def reference_linear(hidden, weight, targets, bias, ignore_index, extras=True):
+    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    return reference_rows(logits, targets, ignore_index, extras)
+
+
+# --------------------------------------------------------------------------------------
+# Generic chunk loops over a backend's row kernels (the triton backend uses them; the cpp
+# and cuda backends run the same loop in C++).  GEMMs through torch.matmul.
+# --------------------------------------------------------------------------------------
+def _chunk_logits(hc, weight, bias, out=None):
+    if bias is None:
+        return torch.matmul(hc, weight.t(), out=out)
+    return torch.addmm(bias, hc, weight.t(), out=out)
+
+
+def chunked_linear_forward(row_forward: Callable, hidden, weight, targets, bias, ignore_index: int, chunk_size: int):
+    n_tok = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    lp, lse = torch.empty(n_tok, **f32), torch.empty(n_tok, **f32)
+    ex = torch.empty((n_tok, 2), **f32)
+    am = torch.empty(n_tok, dtype=torch.long, device=hidden.device)
+    c = max(1, min(chunk_size, n_tok))
+    buf = hidden.new_empty((c, weight.shape[0]))
+    for c0 in range(0, n_tok, c):
+        n = min(c, n_tok - c0)
+        logits = _chunk_logits(hidden[c0:c0 + n], weight, bias, out=buf[:n])
+        a, b, e, m = row_forward(logits, targets[c0:c0 + n], ignore_index)
+        lp[c0:c0 + n], lse[c0:c0 + n], ex[c0:c0 + n], am[c0:c0 + n] = a, b, e, m
+    return lp, lse, ex, am
+
+
+def chunked_linear_backward(row_backward: Callable, grad, hidden, weight, targets, bias, lse, ignore_index: int,
+                            chunk_size: int, need_grad_weight: bool, need_grad_bias: bool):
+    """row_backward(grad, logits, targets, lse, ignore_index, out_dtype) -> (n, V) gradient rows."""
+    n_tok, vocab = hidden.shape[0], weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    gh = torch.empty_like(hidden)
+    gw = torch.zeros(weight.shape, **f32) if need_grad_weight else torch.empty(0, **f32)
+    gb = torch.zeros(vocab, **f32) if need_grad_bias else torch.empty(0, **f32)
+    c = max(1, min(chunk_size, n_tok))
+    buf = hidden.new_empty((c, vocab))
+    for c0 in range(0, n_tok, c):
+        n = min(c, n_tok - c0)
+        hc = hidden[c0:c0 + n]
+        logits = _chunk_logits(hc, weight, bias, out=buf[:n])
+        g = row_backward(grad[c0:c0 + n], logits, targets[c0:c0 + n], lse[c0:c0 + n], ignore_index, torch.float32)
+        torch.matmul(g.to(hidden.dtype), weight, out=gh[c0:c0 + n])
+        if need_grad_weight:
+            gw.addmm_(g.t(), hc.float())
+        if need_grad_bias:
+            gb.add_(g.sum(0))
+    if hidden.dtype != torch.float32:
+        gw = gw.to(weight.dtype) if need_grad_weight else gw
+        gb = gb.to(weight.dtype) if need_grad_bias else gb
+    return gh, gw, gb
+
+
+# --------------------------------------------------------------------------------------
+# Custom ops (backend name as an argument), fake kernels, autograd.
+# --------------------------------------------------------------------------------------
+def _fake_stats(like: torch.Tensor, n: int):
+    return (like.new_empty((n,), dtype=torch.float32), like.new_empty((n,), dtype=torch.float32),
+            like.new_empty((n, 2), dtype=torch.float32), like.new_empty((n,), dtype=torch.long))
+
+
+@torch.library.custom_op("unlearn_fast::token_stats_linear_fwd", mutates_args=())
+def _linear_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
+                ignore_index: int, chunk_size: int, backend: str
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.implementations(OP)[backend].forward(hidden, weight, targets, bias, ignore_index, chunk_size)
+
+
+@_linear_fwd.register_fake
+def _(hidden, weight, targets, bias, ignore_index, chunk_size, backend):
+    return _fake_stats(hidden, hidden.shape[0])
+
+
+@torch.library.custom_op("unlearn_fast::token_stats_linear_bwd", mutates_args=())
+def _linear_bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                bias: Optional[torch.Tensor], lse: torch.Tensor, ignore_index: int, chunk_size: int,
+                need_grad_weight: bool, need_grad_bias: bool, backend: str
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.implementations(OP)[backend].backward(grad, hidden, weight, targets, bias, lse, ignore_index,
+                                                          chunk_size, need_grad_weight, need_grad_bias)
+
+
+@_linear_bwd.register_fake
+def _(grad, hidden, weight, targets, bias, lse, ignore_index, chunk_size, need_grad_weight, need_grad_bias, backend):
+    empty = hidden.new_empty((0,), dtype=torch.float32)
+    return (torch.empty_like(hidden), torch.empty_like(weight) if need_grad_weight else empty,
+            torch.empty_like(bias) if (need_grad_bias and bias is not None) else empty.clone())
+
+
+def _linear_setup(ctx, inputs, output):
+    hidden, weight, targets, bias, ignore_index, chunk_size, backend = inputs
+    ctx.save_for_backward(hidden, weight, targets, bias, output[1])
+    ctx.ignore_index, ctx.chunk_size, ctx.backend = ignore_index, chunk_size, backend
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+
+
+def _linear_backward(ctx, g_lp, _g_lse, _g_ex, _g_am):
+    hidden, weight, targets, bias, lse = ctx.saved_tensors
+    if g_lp is None:
+        return None, None, None, None, None, None, None
+    need_gw = bool(ctx.needs_input_grad[1])
+    need_gb = ctx.has_bias and bool(ctx.needs_input_grad[3])
+    gh, gw, gb = _linear_bwd(g_lp.to(torch.float32).contiguous(), hidden, weight, targets, bias, lse,
+                             ctx.ignore_index, ctx.chunk_size, need_gw, need_gb, ctx.backend)
+    return (gh if ctx.needs_input_grad[0] else None, gw if need_gw else None, None,
+            gb if need_gb else None, None, None, None)
+
+
+_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+@torch.library.custom_op("unlearn_fast::token_stats_rows_fwd", mutates_args=())
+def _rows_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, backend: str
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.implementations(OP_LOGITS)[backend].forward(logits, targets, ignore_index)
+
+
+@_rows_fwd.register_fake
+def _(logits, targets, ignore_index, backend):
+    return _fake_stats(logits, logits.shape[0])
+
+
+@torch.library.custom_op("unlearn_fast::token_stats_rows_bwd", mutates_args=())
+def _rows_bwd(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+              ignore_index: int, backend: str) -> torch.Tensor:
+    return backends.implementations(OP_LOGITS)[backend].backward(grad, logits, targets, lse, ignore_index)
+
+
+@_rows_bwd.register_fake
+def _(grad, logits, targets, lse, ignore_index, backend):
+    return torch.empty_like(logits)
+
+
+def _rows_setup(ctx, inputs, output):
+    logits, targets, ignore_index, backend = inputs
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.ignore_index, ctx.backend = ignore_index, backend
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+
+
+def _rows_backward(ctx, g_lp, _g_lse, _g_ex, _g_am):
+    logits, targets, lse = ctx.saved_tensors
+    if g_lp is None:
+        return None, None, None, None
+    g = _rows_bwd(g_lp.to(torch.float32).contiguous(), logits, targets, lse, ctx.ignore_index, ctx.backend)
+    return g, None, None, None
+
+
+_rows_fwd.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
+# --------------------------------------------------------------------------------------
+# Backend registrations
+# --------------------------------------------------------------------------------------
+backends.register(OP, "eager")(reference_linear)
+backends.register(OP_LOGITS, "eager")(reference_rows)
+backends.register(OP, "cpp")(KernelPair(
+    forward=lambda *a: cpu_ops().token_stats_linear_fwd(*a),
+    backward=lambda *a: cpu_ops().token_stats_linear_bwd(*a),
+))
+backends.register(OP_LOGITS, "cpp")(KernelPair(
+    forward=lambda *a: cpu_ops().token_stats_rows_fwd(*a),
+    backward=lambda *a: cpu_ops().token_stats_rows_bwd(*a),
+))
+backends.register(OP, "cuda")(KernelPair(
+    forward=lambda *a: cuda_ops().token_stats_linear_fwd(*a),
+    backward=lambda *a: cuda_ops().token_stats_linear_bwd(*a),
+))
+backends.register(OP_LOGITS, "cuda")(KernelPair(
+    forward=lambda *a: cuda_ops().token_stats_rows_fwd(*a),
+    backward=lambda *a: cuda_ops().token_stats_rows_bwd(*a),
+))
+
+
+def _triton():
+    from unlearn_fast.triton import token_stats as mod  # lazily: triton is optional
+
+    return mod
+
+
+backends.register(OP, "triton")(KernelPair(
+    forward=lambda *a: chunked_linear_forward(_triton().rows_forward, *a),
+    backward=lambda *a: chunked_linear_backward(_triton().rows_backward, *a),
+))
+backends.register(OP_LOGITS, "triton")(KernelPair(
+    forward=lambda *a: _triton().rows_forward(*a),
+    backward=lambda *a: _triton().rows_backward(*a),
+))
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+def _check_stats(stats) -> Tuple[str, ...]:
+    if isinstance(stats, str):
+        stats = (stats,)
+    try:
+        stats = tuple(stats)
+    except TypeError as exc:
+        raise TypeError(f"stats must be a name or a sequence of names from {STATS}") from exc
+    for s in stats:
+        if s not in STATS:
+            raise ValueError(f"stats: unknown statistic {s!r}; expected names from {STATS}")
+    return stats
+
+
+def _check_targets(targets, name: str, lead_shape, vocab: int, device, ignore_index: int) -> torch.Tensor:
+    V.check_tensor(targets, name)
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise TypeError(f"{name} must hold integer token ids (int64), got dtype {targets.dtype}")
+    if tuple(targets.shape) != tuple(lead_shape):
+        raise ValueError(f"{name} must have shape {tuple(lead_shape)}, got {tuple(targets.shape)}")
+    if targets.device != device:
+        raise ValueError(f"{name} is on {targets.device} but the inputs are on {device}")
+    t = targets.reshape(-1).to(torch.long).contiguous()
+    if t.numel() and not torch.compiler.is_compiling():
+        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
+        if t.device.type == "cpu":
+            if bool(bad.any()):
+                first = int(t[bad][0])
+                raise ValueError(f"{name} must lie in [0, {vocab}) (the vocabulary size) or equal ignore_index="
+                                 f"{ignore_index}; found {first}")
+        else:  # no host sync: the check runs on the device and fails the next sync
+            torch._assert_async(~bad.any(), f"{name} must lie in [0, {vocab}) or equal ignore_index")
+    return t
+
+
+def _check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    return value
+
+
+def _assemble(out, t, ignore_index, stats, lead_shape) -> Dict[str, torch.Tensor]:
+    lp, lse, ex, am = out
+    res = {}
+    for s in stats:
+        if s == "logprob":
+            res[s] = lp.reshape(lead_shape)
+        elif s == "lse":
+            res[s] = lse.detach().reshape(lead_shape)
+        elif s == "entropy":
+            res[s] = ex[:, 0].detach().reshape(lead_shape)
+        elif s == "mean_logp":
+            res[s] = (0.0 - ex[:, 0].detach()).reshape(lead_shape)
+        elif s == "std_logp":
+            res[s] = ex[:, 1].detach().reshape(lead_shape)
+        elif s == "argmax":
+            res[s] = am.reshape(lead_shape)
+        elif s == "correct":
+            res[s] = ((am == t) & (t != ignore_index)).reshape(lead_shape)
+    return res
+
+
+def _resolve(op, backend, device, dtype):
+    name = backends.resolve(op, backend, device)
+    if dtype == torch.float64 and name != "eager":
+        if backend != "auto":
+            raise TypeError("float64 inputs run on the eager backend only (the fused kernels are float32/bf16/fp16)")
+        name = "eager"
+    return name
+
+
+def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, *, ignore_index: int = -100,
+                stats: Union[str, Sequence[str]] = ("logprob",), chunk_size: Optional[int] = None,
+                backend: str = "auto") -> Dict[str, torch.Tensor]:
+    """Per-token statistics of the head ``logits = hidden @ weight.T (+ bias)`` without
+    materialising the logits.
+
+    Args:
+        hidden: (N, H) or (B, T, H) float32/bfloat16/float16/float64 hidden states.
+        weight: (V, H) head weight (lm_head), same dtype and device.  Receives a gradient
+            only if it requires grad (a frozen head skips that third of the work).
+        targets: (N,) or (B, T) integer token ids in [0, V), or ``ignore_index``.
+        bias: optional (V,) head bias, same dtype.
+        ignore_index: target value marking positions to skip (0 in every statistic).
+        stats: names from ``STATS``: "logprob" (differentiable w.r.t. hidden, weight and
+            bias), and the no-grad extras "lse", "entropy", "mean_logp", "std_logp",
+            "argmax" (int64), "correct" (bool: argmax == target).
+        chunk_size: tokens per chunk for the fused backends (default
+            ``default_chunk_size(V)``: chunk x V x 4 bytes <= 64 MiB).
+        backend: "auto", "eager" (full logits, log_softmax, gather), "cpp", "triton", "cuda".
+
+    Returns:
+        dict name -> tensor shaped like ``targets``; float32 (float64 for float64 input),
+        accumulated in float32 by the fused backends whatever the input dtype.
+    """
+    V.check_tensor(hidden, "hidden", floating=True, dims=(2, 3))
+    V.check_tensor(weight, "weight", floating=True, dims=(2,))
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden has hidden size {hidden.shape[-1]} but weight has shape {tuple(weight.shape)} "
+                         f"(expected (V, {hidden.shape[-1]}))")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row")
+    V.check_same(hidden, weight, "hidden", "weight", shape=False)
+    if bias is not None:
+        V.check_tensor(bias, "bias", floating=True, dims=(1,))
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        V.check_same(bias, weight, "bias", "weight", shape=False)
+    ignore_index = _check_int(ignore_index, "ignore_index")
+    stats = _check_stats(stats)
+    vocab, hdim = weight.shape
+    lead_shape = hidden.shape[:-1]
+    t = _check_targets(targets, "targets", lead_shape, vocab, hidden.device, ignore_index)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(vocab)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    name = _resolve(OP, backend, hidden.device, hidden.dtype)
+    h2 = hidden.reshape(-1, hdim)
+    if name == "eager":
+        extras = any(s != "logprob" for s in stats)
+        out = reference_linear(h2, weight, t, bias, ignore_index, extras)
+    else:
+        out = _linear_fwd(h2.contiguous(), weight.contiguous(), t, None if bias is None else bias.contiguous(),
+                          ignore_index, chunk_size, name)
+    return _assemble(out, t, ignore_index, stats, lead_shape)
+
+
+def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
+                            stats: Union[str, Sequence[str]] = ("logprob",),
+                            backend: str = "auto") -> Dict[str, torch.Tensor]:
+    """:func:`token_stats` for callers that already hold the logits (..., V).
+
+    "logprob" is differentiable w.r.t. ``logits``; the fused backends make one pass over
+    each row in float32 (the backward one more, from the saved lse) and allocate nothing
+    of size tokens x vocab besides the gradient itself.  ``targets`` has shape (...).
+    """
+    V.check_tensor(logits, "logits", floating=True)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
+    ignore_index = _check_int(ignore_index, "ignore_index")
+    stats = _check_stats(stats)
+    vocab = logits.shape[-1]
+    lead_shape = logits.shape[:-1]
+    t = _check_targets(targets, "targets", lead_shape, vocab, logits.device, ignore_index)
+    name = _resolve(OP_LOGITS, backend, logits.device, logits.dtype)
+    rows = logits.reshape(-1, vocab)
+    if name == "eager":
+        out = reference_rows(rows, t, ignore_index, any(s != "logprob" for s in stats))
+    else:
+        out = _rows_fwd(rows.contiguous(), t, ignore_index, name)
+    return _assemble(out, t, ignore_index, stats, lead_shape)
