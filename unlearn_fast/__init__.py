@@ -2,6 +2,10 @@
 multimodal models (SIU, MMUnlearner, MultiDelete and the GA/NPO family)."""
 from unlearn_fast.backends import BackendUnavailableError
 from unlearn_fast.ops.dual_masked_kl import DualMaskedKLDivLoss, dual_masked_kl
+from unlearn_fast.ops.losses import (CrossEntropyLoss, GradientAscentLoss, LinearCrossEntropyLoss, NPOLoss,
+                                     SimNPOLoss, cross_entropy, cross_entropy_from_logits, gradient_ascent,
+                                     gradient_ascent_from_logits, npo, sequence_logprob, simnpo)
+from unlearn_fast.ops.token_stats import token_stats, token_stats_from_logits
 
 __version__ = "0.1.0"
 
@@ -9,4 +13,7 @@ __all__ = [
     "BackendUnavailableError",
     "DualMaskedKLDivLoss",
     "dual_masked_kl",
+    "token_stats", "token_stats_from_logits", "cross_entropy", "cross_entropy_from_logits", "gradient_ascent",
+    "gradient_ascent_from_logits", "sequence_logprob", "npo", "simnpo", "CrossEntropyLoss", "LinearCrossEntropyLoss",
+    "GradientAscentLoss", "NPOLoss", "SimNPOLoss",
 ]
