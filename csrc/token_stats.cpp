@@ -22,18 +22,19 @@ inline int64_t map_target(int64_t t, int64_t ignore_index, int64_t V) {
 
 template <typename scalar_t>
 void rows_forward_impl(const scalar_t* logits, int64_t n, int64_t V, const int64_t* tg, int64_t ignore_index,
-                       float* lp, float* lse, float* ex, int64_t* am) {
+                       float* lp, float* st4, int64_t* am) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     if (!std::is_same<scalar_t, float>::value) buf.resize(V);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = map_target(tg[r], ignore_index, V);
-      TokenRowStats st{0.f, 0.f, 0.f, 0.f, 0};
+      TokenRowStats st{0.f, 0.f, 0.f, 0.f, 0.f, 0};
       if (t >= 0) st = token_row_forward(row_as_float(logits + r * V, V, buf.data()), V, t);
       lp[r] = st.logprob;
-      lse[r] = st.lse;
-      ex[2 * r] = st.entropy;
-      ex[2 * r + 1] = st.std_logp;
+      st4[4 * r] = st.max;
+      st4[4 * r + 1] = st.log_s;
+      st4[4 * r + 2] = st.entropy;
+      st4[4 * r + 3] = st.std_logp;
       am[r] = st.argmax;
     }
   });
@@ -42,7 +43,7 @@ void rows_forward_impl(const scalar_t* logits, int64_t n, int64_t V, const int64
 // Gradient rows into out (float or the logits dtype); out may alias logits for float.
 template <typename scalar_t, typename out_t>
 void rows_backward_impl(const scalar_t* logits, int64_t n, int64_t V, const int64_t* tg, int64_t ignore_index,
-                        const float* lse, const float* go, out_t* out) {
+                        const float* st4, const float* go, out_t* out) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> zbuf, gbuf;
     if (!std::is_same<scalar_t, float>::value) zbuf.resize(V);
@@ -53,7 +54,7 @@ void rows_backward_impl(const scalar_t* logits, int64_t n, int64_t V, const int6
       if (t < 0 || go[r] == 0.f) {
         std::fill(g, g + V, 0.f);
       } else {
-        token_row_backward(row_as_float(logits + r * V, V, zbuf.data()), V, t, lse[r], go[r], g);
+        token_row_backward(row_as_float(logits + r * V, V, zbuf.data()), V, t, st4[4 * r], st4[4 * r + 1], go[r], g);
       }
       if (!std::is_same<out_t, float>::value) store_row(g, V, out + r * V);
     }
@@ -65,36 +66,42 @@ void check_targets(const at::Tensor& targets, int64_t N, const char* fn) {
               ": targets must be a contiguous int64 tensor of ", N, " elements");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> alloc_stats(const at::Tensor& like, int64_t N) {
+// (logprob (N,), row stats (N, 4) = [max, log_s, entropy, std_logp], argmax (N,) int64)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> alloc_stats(const at::Tensor& like, int64_t N) {
   auto f = like.options().dtype(at::kFloat);
-  return {at::empty({N}, f), at::empty({N}, f), at::empty({N, 2}, f), at::empty({N}, like.options().dtype(at::kLong))};
+  return {at::empty({N}, f), at::empty({N, 4}, f), at::empty({N}, like.options().dtype(at::kLong))};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rows_fwd_cpu(const at::Tensor& logits, const at::Tensor& targets,
+void check_row_stats(const at::Tensor& grad, const at::Tensor& st, int64_t N, const char* fn) {
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == N, fn,
+              ": grad must be contiguous float32 (N,)");
+  TORCH_CHECK(st.scalar_type() == at::kFloat && st.is_contiguous() && st.numel() == 4 * N, fn,
+              ": row stats must be contiguous float32 (N, 4)");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_fwd_cpu(const at::Tensor& logits, const at::Tensor& targets,
                                                                         int64_t ignore_index) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "token_stats_rows_fwd: contiguous (N, V) logits expected");
   const int64_t N = logits.size(0), V = logits.size(1);
   check_targets(targets, N, "token_stats_rows_fwd");
-  auto [lp, lse, ex, am] = alloc_stats(logits, N);
+  auto [lp, st, am] = alloc_stats(logits, N);
   UF_DISPATCH_FLOAT(logits.scalar_type(), "token_stats_rows_fwd", [&] {
     rows_forward_impl(logits.data_ptr<scalar_t>(), N, V, targets.data_ptr<int64_t>(), ignore_index,
-                      lp.data_ptr<float>(), lse.data_ptr<float>(), ex.data_ptr<float>(), am.data_ptr<int64_t>());
+                      lp.data_ptr<float>(), st.data_ptr<float>(), am.data_ptr<int64_t>());
   });
-  return {lp, lse, ex, am};
+  return {lp, st, am};
 }
 
-at::Tensor rows_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                        int64_t ignore_index) {
+at::Tensor rows_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets,
+                        const at::Tensor& row_stats, int64_t ignore_index) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "token_stats_rows_bwd: contiguous (N, V) logits expected");
   const int64_t N = logits.size(0), V = logits.size(1);
   check_targets(targets, N, "token_stats_rows_bwd");
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == N &&
-                  lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == N,
-              "token_stats_rows_bwd: grad and lse must be contiguous float32 (N,)");
+  check_row_stats(grad, row_stats, N, "token_stats_rows_bwd");
   at::Tensor out = at::empty_like(logits);
   UF_DISPATCH_FLOAT(logits.scalar_type(), "token_stats_rows_bwd", [&] {
     rows_backward_impl<scalar_t, scalar_t>(logits.data_ptr<scalar_t>(), N, V, targets.data_ptr<int64_t>(), ignore_index,
-                                           lse.data_ptr<float>(), grad.data_ptr<float>(), out.data_ptr<scalar_t>());
+                                           row_stats.data_ptr<float>(), grad.data_ptr<float>(), out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -127,7 +134,7 @@ bool chunk_all_ignored(const int64_t* tg, const float* go, int64_t n, int64_t ig
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                                                           const at::Tensor& targets,
                                                                           const std::optional<at::Tensor>& bias,
                                                                           int64_t ignore_index, int64_t chunk_size) {
@@ -135,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const 
   const int64_t N = hidden.size(0), V = weight.size(0);
   check_targets(targets, N, "token_stats_linear_fwd");
   TORCH_CHECK(chunk_size >= 1, "token_stats_linear_fwd: chunk_size must be >= 1");
-  auto [lp, lse, ex, am] = alloc_stats(hidden, N);
+  auto [lp, st, am] = alloc_stats(hidden, N);
   const int64_t C = std::min(chunk_size, std::max<int64_t>(N, 1));
   at::Tensor buf = at::empty({C, V}, hidden.options());
   const int64_t* tg = targets.data_ptr<int64_t>();
@@ -143,8 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const 
     const int64_t n = std::min(C, N - c0);
     if (chunk_all_ignored(tg + c0, nullptr, n, ignore_index)) {  // e.g. prompt tokens: no GEMM
       lp.narrow(0, c0, n).zero_();
-      lse.narrow(0, c0, n).zero_();
-      ex.narrow(0, c0, n).zero_();
+      st.narrow(0, c0, n).zero_();
       am.narrow(0, c0, n).zero_();
       continue;
     }
@@ -152,23 +158,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const 
     chunk_logits(out, hidden.narrow(0, c0, n), weight, bias);
     UF_DISPATCH_FLOAT(hidden.scalar_type(), "token_stats_linear_fwd", [&] {
       rows_forward_impl(out.data_ptr<scalar_t>(), n, V, tg + c0, ignore_index, lp.data_ptr<float>() + c0,
-                        lse.data_ptr<float>() + c0, ex.data_ptr<float>() + 2 * c0, am.data_ptr<int64_t>() + c0);
+                        st.data_ptr<float>() + 4 * c0, am.data_ptr<int64_t>() + c0);
     });
   }
-  return {lp, lse, ex, am};
+  return {lp, st, am};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& grad, const at::Tensor& hidden,
                                                               const at::Tensor& weight, const at::Tensor& targets,
-                                                              const std::optional<at::Tensor>& bias, const at::Tensor& lse,
-                                                              int64_t ignore_index, int64_t chunk_size, bool need_grad_weight,
+                                                              const std::optional<at::Tensor>& bias,
+                                                              const at::Tensor& row_stats, int64_t ignore_index, int64_t chunk_size, bool need_grad_weight,
                                                               bool need_grad_bias) {
   check_linear(hidden, weight, bias, "token_stats_linear_bwd");
   const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   check_targets(targets, N, "token_stats_linear_bwd");
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == N &&
-                  lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == N,
-              "token_stats_linear_bwd: grad and lse must be contiguous float32 (N,)");
+  check_row_stats(grad, row_stats, N, "token_stats_linear_bwd");
   TORCH_CHECK(chunk_size >= 1, "token_stats_linear_bwd: chunk_size must be >= 1");
   const bool f32 = hidden.scalar_type() == at::kFloat;
   auto fopts = hidden.options().dtype(at::kFloat);
@@ -193,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
     at::Tensor gn = g32.narrow(0, 0, n);
     UF_DISPATCH_FLOAT(hidden.scalar_type(), "token_stats_linear_bwd", [&] {
       rows_backward_impl<scalar_t, float>(out.data_ptr<scalar_t>(), n, V, tg + c0, ignore_index,
-                                          lse.data_ptr<float>() + c0, go + c0, gn.data_ptr<float>());
+                                          row_stats.data_ptr<float>() + 4 * c0, go + c0, gn.data_ptr<float>());
     });
     if (f32) {
       at::mm_out(ghc, gn, weight);
@@ -216,14 +220,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
 }  // namespace uf
 
 TORCH_LIBRARY_FRAGMENT(unlearn_fast_cpu, m) {
-  m.def("token_stats_rows_fwd(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)",
+  m.def("token_stats_rows_fwd(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor, Tensor)",
         &uf::rows_fwd_cpu);
-  m.def("token_stats_rows_bwd(Tensor grad, Tensor logits, Tensor targets, Tensor lse, int ignore_index) -> Tensor",
+  m.def("token_stats_rows_bwd(Tensor grad, Tensor logits, Tensor targets, Tensor row_stats, int ignore_index) -> Tensor",
         &uf::rows_bwd_cpu);
   m.def("token_stats_linear_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
-        "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor)",
+        "int chunk_size) -> (Tensor, Tensor, Tensor)",
         &uf::linear_fwd_cpu);
-  m.def("token_stats_linear_bwd(Tensor grad, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor lse, "
+  m.def("token_stats_linear_bwd(Tensor grad, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor row_stats, "
         "int ignore_index, int chunk_size, bool need_grad_weight, bool need_grad_bias) -> (Tensor, Tensor, Tensor)",
         &uf::linear_bwd_cpu);
 }

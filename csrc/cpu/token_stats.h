@@ -15,7 +15,7 @@
 // log s shift cancels).  All sums in float32 with `omp simd` reductions.
 //
 // Backward (g may alias z): d logprob / d z_v = 1[v == t] - p_v, times the incoming gradient; p is
-// recomputed from the saved lse (no stored probabilities); the true-class term
+// recomputed from the saved (m, log s) (no stored probabilities); the true-class term
 // go * (1 - p_t) is formed in float32 before any rounding.
 #pragma once
 
@@ -30,7 +30,8 @@ namespace uf {
 
 struct TokenRowStats {
   float logprob;
-  float lse;
+  float max;    // m: lse = m + log_s, kept apart so the backward's (z - m) - log_s stays
+  float log_s;  //    exact for logits of magnitude 1e4 (m + log_s rounds to ~1e-3 there)
   float entropy;
   float std_logp;
   int64_t argmax;
@@ -39,7 +40,7 @@ struct TokenRowStats {
 // target < 0 means "ignored": every statistic is 0 (argmax 0).  The caller maps
 // ignore_index to -1 and has validated the range; an out-of-range target gives NaN.
 inline TokenRowStats token_row_forward(const float* z, int64_t V, int64_t target) {
-  TokenRowStats out{0.f, 0.f, 0.f, 0.f, 0};
+  TokenRowStats out{0.f, 0.f, 0.f, 0.f, 0.f, 0};
   if (target < 0) return out;
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
@@ -64,7 +65,8 @@ inline TokenRowStats token_row_forward(const float* z, int64_t V, int64_t target
   const float log_s = std::log(s);
   const float mean_d = a1 / s;
   const float var = std::max(0.f, a2 / s - mean_d * mean_d);
-  out.lse = m + log_s;
+  out.max = m;
+  out.log_s = log_s;
   out.logprob = target < V ? (z[target] - m) - log_s : std::numeric_limits<float>::quiet_NaN();
   out.entropy = log_s - mean_d;
   out.std_logp = std::sqrt(var);
@@ -72,17 +74,17 @@ inline TokenRowStats token_row_forward(const float* z, int64_t V, int64_t target
   return out;
 }
 
-// g[v] = go * (1[v == target] - exp(z_v - lse)); target < 0 or go == 0 -> zeros.
-inline void token_row_backward(const float* z, int64_t V, int64_t target, float lse, float go, float* g) {
+// g[v] = go * (1[v == target] - exp((z_v - m) - log_s)); target < 0 or go == 0 -> zeros.
+inline void token_row_backward(const float* z, int64_t V, int64_t target, float m, float log_s, float go, float* g) {
   if (target < 0 || target >= V || go == 0.f) {
     std::fill(g, g + V, 0.f);
     return;
   }
   // Read the true-class logit first: g may alias z (in-place on a float32 chunk).
-  const float pt = std::exp(z[target] - lse);
+  const float pt = std::exp((z[target] - m) - log_s);
   const float neg_go = -go;
 #pragma omp simd
-  for (int64_t i = 0; i < V; ++i) g[i] = neg_go * fast_exp(z[i] - lse);
+  for (int64_t i = 0; i < V; ++i) g[i] = neg_go * fast_exp((z[i] - m) - log_s);
   g[target] = go * (1.f - pt);
 }
 

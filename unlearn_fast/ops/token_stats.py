@@ -54,11 +54,13 @@ def default_chunk_size(vocab_size: int, num_tokens: Optional[int] = None) -> int
 
 # --------------------------------------------------------------------------------------
 # Eager reference: full logits, log_softmax, gather.  The "eager" backend, the benchmark
-# baseline and (in float64) the test oracle.  Returns the same 4-tuple as the kernels:
-# (logprob, lse, extras (N, 2) = [entropy, std_logp], argmax).
+# baseline and (in float64) the test oracle.  Returns the same 3-tuple as the kernels:
+# (logprob (N,), row stats (N, 4) = [max, log_s, entropy, std_logp], argmax (N,)) with
+# lse = max + log_s.  (The kernels keep max and log_s apart so that the backward's
+# (z - max) - log_s is exact for logits of magnitude 1e4; the reference stores lse, 0.)
 # --------------------------------------------------------------------------------------
 def reference_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                   extras: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   extras: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))
@@ -66,8 +68,7 @@ def reference_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1).to(out_dtype) * valid.to(out_dtype)
     n = logits.shape[0]
     if not extras:
-        z = logits.new_zeros((n,), dtype=out_dtype)
-        return lp, z, logits.new_zeros((n, 2), dtype=out_dtype), torch.zeros_like(targets)
+        return lp, logits.new_zeros((n, 4), dtype=out_dtype), torch.zeros_like(targets)
     with torch.no_grad():
         vf = valid.to(out_dtype)
         lpd = logp.detach().to(out_dtype)
@@ -77,7 +78,7 @@ def reference_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
         std = (p * (lpd - mean.unsqueeze(-1)).square()).sum(-1).clamp_min(0).sqrt() * vf
         entropy = -mean * vf
         am = torch.where(valid, logits.detach().argmax(-1), torch.zeros_like(targets))
-    return lp, lse, torch.stack([entropy, std], dim=-1), am
+    return lp, torch.stack([lse, torch.zeros_like(lse), entropy, std], dim=-1), am
 
 
 def reference_linear(hidden, weight, targets, bias, ignore_index, extras=True):
@@ -98,22 +99,21 @@ def _chunk_logits(hc, weight, bias, out=None):
 def chunked_linear_forward(row_forward: Callable, hidden, weight, targets, bias, ignore_index: int, chunk_size: int):
     n_tok = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    lp, lse = torch.empty(n_tok, **f32), torch.empty(n_tok, **f32)
-    ex = torch.empty((n_tok, 2), **f32)
+    lp, st = torch.empty(n_tok, **f32), torch.empty((n_tok, 4), **f32)
     am = torch.empty(n_tok, dtype=torch.long, device=hidden.device)
     c = max(1, min(chunk_size, n_tok))
     buf = hidden.new_empty((c, weight.shape[0]))
     for c0 in range(0, n_tok, c):
         n = min(c, n_tok - c0)
         logits = _chunk_logits(hidden[c0:c0 + n], weight, bias, out=buf[:n])
-        a, b, e, m = row_forward(logits, targets[c0:c0 + n], ignore_index)
-        lp[c0:c0 + n], lse[c0:c0 + n], ex[c0:c0 + n], am[c0:c0 + n] = a, b, e, m
-    return lp, lse, ex, am
+        a, b, m = row_forward(logits, targets[c0:c0 + n], ignore_index)
+        lp[c0:c0 + n], st[c0:c0 + n], am[c0:c0 + n] = a, b, m
+    return lp, st, am
 
 
-def chunked_linear_backward(row_backward: Callable, grad, hidden, weight, targets, bias, lse, ignore_index: int,
-                            chunk_size: int, need_grad_weight: bool, need_grad_bias: bool):
-    """row_backward(grad, logits, targets, lse, ignore_index, out_dtype) -> (n, V) gradient rows."""
+def chunked_linear_backward(row_backward: Callable, grad, hidden, weight, targets, bias, row_stats,
+                            ignore_index: int, chunk_size: int, need_grad_weight: bool, need_grad_bias: bool):
+    """row_backward(grad, logits, targets, row_stats, ignore_index, out_dtype) -> (n, V) gradient rows."""
     n_tok, vocab = hidden.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     gh = torch.empty_like(hidden)
@@ -125,7 +125,8 @@ def chunked_linear_backward(row_backward: Callable, grad, hidden, weight, target
         n = min(c, n_tok - c0)
         hc = hidden[c0:c0 + n]
         logits = _chunk_logits(hc, weight, bias, out=buf[:n])
-        g = row_backward(grad[c0:c0 + n], logits, targets[c0:c0 + n], lse[c0:c0 + n], ignore_index, torch.float32)
+        g = row_backward(grad[c0:c0 + n], logits, targets[c0:c0 + n], row_stats[c0:c0 + n], ignore_index,
+                         torch.float32)
         torch.matmul(g.to(hidden.dtype), weight, out=gh[c0:c0 + n])
         if need_grad_weight:
             gw.addmm_(g.t(), hc.float())
@@ -141,14 +142,14 @@ def chunked_linear_backward(row_backward: Callable, grad, hidden, weight, target
 # Custom ops (backend name as an argument), fake kernels, autograd.
 # --------------------------------------------------------------------------------------
 def _fake_stats(like: torch.Tensor, n: int):
-    return (like.new_empty((n,), dtype=torch.float32), like.new_empty((n,), dtype=torch.float32),
-            like.new_empty((n, 2), dtype=torch.float32), like.new_empty((n,), dtype=torch.long))
+    return (like.new_empty((n,), dtype=torch.float32), like.new_empty((n, 4), dtype=torch.float32),
+            like.new_empty((n,), dtype=torch.long))
 
 
 @torch.library.custom_op("unlearn_fast::token_stats_linear_fwd", mutates_args=())
 def _linear_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
                 ignore_index: int, chunk_size: int, backend: str
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return backends.implementations(OP)[backend].forward(hidden, weight, targets, bias, ignore_index, chunk_size)
 
 
@@ -159,15 +160,16 @@ def _(hidden, weight, targets, bias, ignore_index, chunk_size, backend):
 
 @torch.library.custom_op("unlearn_fast::token_stats_linear_bwd", mutates_args=())
 def _linear_bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                bias: Optional[torch.Tensor], lse: torch.Tensor, ignore_index: int, chunk_size: int,
+                bias: Optional[torch.Tensor], row_stats: torch.Tensor, ignore_index: int, chunk_size: int,
                 need_grad_weight: bool, need_grad_bias: bool, backend: str
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.implementations(OP)[backend].backward(grad, hidden, weight, targets, bias, lse, ignore_index,
-                                                          chunk_size, need_grad_weight, need_grad_bias)
+    return backends.implementations(OP)[backend].backward(grad, hidden, weight, targets, bias, row_stats,
+                                                          ignore_index, chunk_size, need_grad_weight, need_grad_bias)
 
 
 @_linear_bwd.register_fake
-def _(grad, hidden, weight, targets, bias, lse, ignore_index, chunk_size, need_grad_weight, need_grad_bias, backend):
+def _(grad, hidden, weight, targets, bias, row_stats, ignore_index, chunk_size, need_grad_weight, need_grad_bias,
+      backend):
     empty = hidden.new_empty((0,), dtype=torch.float32)
     return (torch.empty_like(hidden), torch.empty_like(weight) if need_grad_weight else empty,
             torch.empty_like(bias) if (need_grad_bias and bias is not None) else empty.clone())
@@ -178,16 +180,16 @@ def _linear_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, targets, bias, output[1])
     ctx.ignore_index, ctx.chunk_size, ctx.backend = ignore_index, chunk_size, backend
     ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(output[1], output[2], output[3])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _linear_backward(ctx, g_lp, _g_lse, _g_ex, _g_am):
-    hidden, weight, targets, bias, lse = ctx.saved_tensors
+def _linear_backward(ctx, g_lp, _g_st, _g_am):
+    hidden, weight, targets, bias, row_stats = ctx.saved_tensors
     if g_lp is None:
         return None, None, None, None, None, None, None
     need_gw = bool(ctx.needs_input_grad[1])
     need_gb = ctx.has_bias and bool(ctx.needs_input_grad[3])
-    gh, gw, gb = _linear_bwd(g_lp.to(torch.float32).contiguous(), hidden, weight, targets, bias, lse,
+    gh, gw, gb = _linear_bwd(g_lp.to(torch.float32).contiguous(), hidden, weight, targets, bias, row_stats,
                              ctx.ignore_index, ctx.chunk_size, need_gw, need_gb, ctx.backend)
     return (gh if ctx.needs_input_grad[0] else None, gw if need_gw else None, None,
             gb if need_gb else None, None, None, None)
@@ -198,7 +200,7 @@ _linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 @torch.library.custom_op("unlearn_fast::token_stats_rows_fwd", mutates_args=())
 def _rows_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, backend: str
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return backends.implementations(OP_LOGITS)[backend].forward(logits, targets, ignore_index)
 
 
@@ -208,13 +210,13 @@ def _(logits, targets, ignore_index, backend):
 
 
 @torch.library.custom_op("unlearn_fast::token_stats_rows_bwd", mutates_args=())
-def _rows_bwd(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+def _rows_bwd(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, row_stats: torch.Tensor,
               ignore_index: int, backend: str) -> torch.Tensor:
-    return backends.implementations(OP_LOGITS)[backend].backward(grad, logits, targets, lse, ignore_index)
+    return backends.implementations(OP_LOGITS)[backend].backward(grad, logits, targets, row_stats, ignore_index)
 
 
 @_rows_bwd.register_fake
-def _(grad, logits, targets, lse, ignore_index, backend):
+def _(grad, logits, targets, row_stats, ignore_index, backend):
     return torch.empty_like(logits)
 
 
@@ -222,14 +224,14 @@ def _rows_setup(ctx, inputs, output):
     logits, targets, ignore_index, backend = inputs
     ctx.save_for_backward(logits, targets, output[1])
     ctx.ignore_index, ctx.backend = ignore_index, backend
-    ctx.mark_non_differentiable(output[1], output[2], output[3])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _rows_backward(ctx, g_lp, _g_lse, _g_ex, _g_am):
-    logits, targets, lse = ctx.saved_tensors
+def _rows_backward(ctx, g_lp, _g_st, _g_am):
+    logits, targets, row_stats = ctx.saved_tensors
     if g_lp is None:
         return None, None, None, None
-    g = _rows_bwd(g_lp.to(torch.float32).contiguous(), logits, targets, lse, ctx.ignore_index, ctx.backend)
+    g = _rows_bwd(g_lp.to(torch.float32).contiguous(), logits, targets, row_stats, ctx.ignore_index, ctx.backend)
     return g, None, None, None
 
 
@@ -319,19 +321,20 @@ def _check_int(value, name: str) -> int:
 
 
 def _assemble(out, t, ignore_index, stats, lead_shape) -> Dict[str, torch.Tensor]:
-    lp, lse, ex, am = out
+    lp, st, am = out
+    st = st.detach()
     res = {}
     for s in stats:
         if s == "logprob":
             res[s] = lp.reshape(lead_shape)
         elif s == "lse":
-            res[s] = lse.detach().reshape(lead_shape)
+            res[s] = (st[:, 0] + st[:, 1]).reshape(lead_shape)
         elif s == "entropy":
-            res[s] = ex[:, 0].detach().reshape(lead_shape)
+            res[s] = st[:, 2].reshape(lead_shape)
         elif s == "mean_logp":
-            res[s] = (0.0 - ex[:, 0].detach()).reshape(lead_shape)
+            res[s] = (0.0 - st[:, 2]).reshape(lead_shape)
         elif s == "std_logp":
-            res[s] = ex[:, 1].detach().reshape(lead_shape)
+            res[s] = st[:, 3].reshape(lead_shape)
         elif s == "argmax":
             res[s] = am.reshape(lead_shape)
         elif s == "correct":

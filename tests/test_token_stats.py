@@ -1,0 +1,244 @@
+"""token_stats / token_stats_from_logits: every CPU backend (cpp; triton under the
+interpreter) against a float64 eager oracle, semantics of ignored positions, gradients
+with grad_output != 1, extras, torch.compile, validation.  GPU: test_token_stats_gpu.py."""
+import pytest
+import torch
+
+import unlearn_fast as uf
+from unlearn_fast.ops import token_stats as ts
+
+from helpers import cpu_backends_for, rel_err
+
+FAST = cpu_backends_for("token_stats")
+BACKENDS = ["eager"] + FAST
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+EXTRAS = ("lse", "entropy", "mean_logp", "std_logp")
+IGN = -100
+
+
+def _inputs(lead, H, V, dtype, bias=False, ignore_frac=0.25, scale=1.0):
+    h = torch.randn(*lead, H, dtype=torch.float64)
+    w = torch.randn(V, H, dtype=torch.float64) * (scale / H ** 0.5) * 3
+    b = torch.randn(V, dtype=torch.float64) if bias else None
+    t = torch.randint(0, V, lead)
+    t[torch.rand(lead) < ignore_frac] = IGN
+    cast = lambda x: None if x is None else x.to(dtype).to(torch.float64)  # noqa: E731
+    # The oracle sees the same (rounded) inputs as the low-precision run.
+    return cast(h), cast(w), cast(b), t
+
+
+def _run(h, w, b, t, dtype, backend, go, weight_grad=True, chunk_size=None, stats=ts.STATS):
+    hh = h.to(dtype).requires_grad_()
+    ww = w.to(dtype).requires_grad_(weight_grad)
+    bb = None if b is None else b.to(dtype).requires_grad_()
+    out = uf.token_stats(hh, ww, t, bb, stats=stats, chunk_size=chunk_size, backend=backend)
+    inputs = [hh] + ([ww] if weight_grad else []) + ([bb] if bb is not None else [])
+    grads = torch.autograd.grad(out["logprob"], inputs, go.to(out["logprob"].dtype))
+    return out, dict(zip(["h"] + (["w"] if weight_grad else []) + (["b"] if bb is not None else []), grads))
+
+
+def _check_against_oracle(h, w, b, t, dtype, backend, weight_grad=True, chunk_size=None):
+    go = torch.rand(t.shape, dtype=torch.float64) * 3 - 1  # grad_output != 1, mixed sign
+    ref, rg = _run(h, w, b, t, torch.float64, "eager", go, weight_grad)
+    eag, eg = _run(h, w, b, t, dtype, "eager", go, weight_grad)
+    out, og = _run(h, w, b, t, dtype, backend, go, weight_grad, chunk_size)
+    tol = TOL[dtype]
+    for k in ("logprob",) + EXTRAS:
+        assert out[k].shape == t.shape
+        assert out[k].dtype == torch.float32
+        e_fast, e_eager = rel_err(out[k], ref[k]), rel_err(eag[k], ref[k])
+        assert e_fast <= e_eager + tol, (k, e_fast, e_eager)
+    for k in rg:
+        e_fast, e_eager = rel_err(og[k], rg[k]), rel_err(eg[k], rg[k])
+        assert og[k].dtype == dtype
+        assert e_fast <= e_eager + tol, ("grad", k, e_fast, e_eager)
+    if not weight_grad:
+        assert "w" not in og
+    # argmax: the oracle logit at our argmax is the row maximum (up to rounding ties)
+    logits = h.reshape(-1, h.shape[-1]) @ w.t() + (0 if b is None else b)
+    valid = (t != IGN).reshape(-1)
+    am = out["argmax"].reshape(-1)
+    assert out["argmax"].dtype == torch.long
+    picked = logits.gather(1, am[:, None]).squeeze(1)
+    slack = 1e-4 if dtype == torch.float32 else 0.1
+    assert torch.all((picked >= logits.max(1).values - slack * logits.abs().max(1).values)[valid])
+    assert torch.equal(out["correct"].reshape(-1), (am == t.reshape(-1)) & valid)
+    # ignored positions: 0 / False everywhere, no gradient into their hidden rows
+    ign = ~valid
+    for k in ("logprob",) + EXTRAS + ("argmax",):
+        assert torch.all(out[k].reshape(-1)[ign] == 0), k
+    assert not out["correct"].reshape(-1)[ign].any()
+    assert torch.all(og["h"].reshape(-1, h.shape[-1])[ign] == 0)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_matches_oracle(backend, dtype):
+    h, w, b, t = _inputs((37,), 19, 1271, dtype)
+    _check_against_oracle(h, w, b, t, dtype, backend, chunk_size=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_linear_3d_bias_weight_grad(backend, weight_grad):
+    h, w, b, t = _inputs((3, 13), 19, 1271, torch.float32, bias=True)
+    _check_against_oracle(h, w, b, t, torch.float32, backend, weight_grad=weight_grad, chunk_size=16)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_linear_bf16_bias_default_chunk(backend):
+    h, w, b, t = _inputs((2, 11), 24, 1000, torch.bfloat16, bias=True, scale=4.0)
+    _check_against_oracle(h, w, b, t, torch.bfloat16, backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_ignored_chunks_are_zero(backend):
+    # whole chunks of ignored tokens (skipped by the CPU kernel) and grad_output zeros
+    h, w, b, t = _inputs((40,), 16, 300, torch.float32, ignore_frac=0.0)
+    t[:17] = IGN
+    out = _check_against_oracle(h, w, b, t, torch.float32, backend, chunk_size=8)
+    assert torch.all(out["logprob"][:17] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored(backend):
+    h, w, _, t = _inputs((9,), 8, 77, torch.float32)
+    t[:] = IGN
+    hh = h.float().requires_grad_()
+    ww = w.float().requires_grad_()
+    out = uf.token_stats(hh, ww, t, stats=ts.STATS, backend=backend)
+    for k in ts.STATS:
+        assert not out[k].any(), k
+    loss = uf.cross_entropy(hh, ww, t, backend=backend)
+    assert loss.item() == 0.0
+    gh, gw = torch.autograd.grad(loss, [hh, ww])
+    assert torch.all(gh == 0) and torch.all(gw == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["normal", "extreme"])
+def test_from_logits_matches_oracle(backend, dtype, kind):
+    n, V = 29, 1031
+    x = torch.randn(n, V, dtype=torch.float64)
+    if kind == "extreme":
+        x = torch.randint(-1, 2, (n, V)).double() * 1e4 + x
+    x = x.to(dtype).double()
+    t = torch.randint(0, V, (n,))
+    t[::5] = IGN
+    go = torch.rand(n, dtype=torch.float64) * 2 - 0.5
+
+    def run(d, be):
+        xx = x.to(d).requires_grad_()
+        out = uf.token_stats_from_logits(xx, t, stats=ts.STATS, backend=be)
+        (g,) = torch.autograd.grad(out["logprob"], xx, go.to(out["logprob"].dtype))
+        return out, g
+
+    ref, rg = run(torch.float64, "eager")
+    eag, eg = run(dtype, "eager")
+    out, og = run(dtype, backend)
+    for k in ("logprob",) + EXTRAS:
+        assert rel_err(out[k], ref[k]) <= rel_err(eag[k], ref[k]) + TOL[dtype], k
+        assert torch.isfinite(out[k]).all()
+    assert og.dtype == dtype
+    assert rel_err(og, rg) <= rel_err(eg, rg) + TOL[dtype]
+    if kind == "normal":  # distinct maxima: argmax is exact
+        valid = t != IGN
+        assert torch.equal(out["argmax"][valid], x.argmax(1)[valid])
+
+
+def test_extras_formulas_float64():
+    # The eager extras against textbook formulas (the oracle itself is checked here).
+    x = torch.randn(6, 50, dtype=torch.float64) * 3
+    t = torch.randint(0, 50, (6,))
+    out = uf.token_stats_from_logits(x, t, stats=ts.STATS, backend="eager")
+    p = torch.softmax(x, -1)
+    logp = torch.log(p)
+    mu = (p * logp).sum(-1)
+    sigma = torch.sqrt((p * logp ** 2).sum(-1) - mu ** 2)
+    torch.testing.assert_close(out["logprob"], logp.gather(1, t[:, None]).squeeze(1))
+    torch.testing.assert_close(out["lse"], torch.logsumexp(x, -1))
+    torch.testing.assert_close(out["entropy"], -mu)
+    torch.testing.assert_close(out["mean_logp"], mu)
+    torch.testing.assert_close(out["std_logp"], sigma)
+    assert torch.equal(out["argmax"], x.argmax(-1))
+    assert torch.equal(out["correct"], x.argmax(-1) == t)
+
+
+def test_stats_subset_and_shapes():
+    h, w, _, t = _inputs((2, 5), 8, 40, torch.float32)
+    out = uf.token_stats(h.float(), w.float(), t, stats="entropy")
+    assert list(out) == ["entropy"] and out["entropy"].shape == (2, 5)
+    out = uf.token_stats(h.float(), w.float(), t)
+    assert list(out) == ["logprob"]
+    assert not out["logprob"].requires_grad
+
+
+def test_float64_runs_eager_and_explicit_fast_refuses():
+    h, w, _, t = _inputs((5,), 8, 40, torch.float32)
+    out = uf.token_stats(h, w, t)  # float64, auto -> eager
+    assert out["logprob"].dtype == torch.float64
+    if FAST:
+        with pytest.raises(TypeError, match="float64"):
+            uf.token_stats(h, w, t, backend=FAST[0])
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    torch._dynamo.reset()
+    h, w, _, t = _inputs((2, 7), 16, 301, torch.float32)
+    h, w = h.float(), w.float()
+
+    def fn(hidden, weight, targets):
+        out = uf.token_stats(hidden, weight, targets, stats=("logprob", "entropy", "correct"), chunk_size=4)
+        return (out["logprob"] * 2).sum() + out["entropy"].sum() * 0 + out["correct"].sum() * 0
+
+    compiled = torch.compile(fn, fullgraph=True, backend=compiler)
+    hh = h.clone().requires_grad_()
+    ww = w.clone().requires_grad_()
+    val = compiled(hh, ww, t)
+    gh, gw = torch.autograd.grad(val, [hh, ww])
+    h2 = h.clone().requires_grad_()
+    w2 = w.clone().requires_grad_()
+    ref = fn(h2, w2, t)
+    rh, rw = torch.autograd.grad(ref, [h2, w2])
+    torch.testing.assert_close(val, ref)
+    torch.testing.assert_close(gh, rh)
+    torch.testing.assert_close(gw, rw)
+
+
+def test_bad_inputs():
+    h = torch.randn(4, 8)
+    w = torch.randn(30, 8)
+    t = torch.randint(0, 30, (4,))
+    with pytest.raises(ValueError, match="hidden"):
+        uf.token_stats(torch.randn(8), w, t)
+    with pytest.raises(ValueError, match="weight"):
+        uf.token_stats(h, torch.randn(30, 9), t)
+    with pytest.raises(TypeError, match="hidden"):
+        uf.token_stats(h.long(), w, t)
+    with pytest.raises(TypeError, match="weight"):
+        uf.token_stats(h, w.double(), t)
+    with pytest.raises(ValueError, match="targets"):
+        uf.token_stats(h, w, t[:3])
+    with pytest.raises(TypeError, match="targets"):
+        uf.token_stats(h, w, t.float())
+    with pytest.raises(ValueError, match="targets"):
+        uf.token_stats(h, w, torch.tensor([0, 1, 30, 2]))
+    with pytest.raises(ValueError, match="targets"):
+        uf.token_stats(h, w, torch.tensor([0, 1, -5, 2]))
+    with pytest.raises(ValueError, match="bias"):
+        uf.token_stats(h, w, t, torch.randn(29))
+    with pytest.raises(ValueError, match="stats"):
+        uf.token_stats(h, w, t, stats=("logprob", "perplexity"))
+    with pytest.raises(ValueError, match="chunk_size"):
+        uf.token_stats(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="device"):
+        uf.token_stats(h, w.to("meta"), t)
+    with pytest.raises(ValueError, match="targets"):
+        uf.token_stats_from_logits(torch.randn(4, 30), torch.randint(0, 30, (5,)))
+    with pytest.raises(ValueError, match="backend"):
+        uf.token_stats(h, w, t, backend="fortran")
+    # ignore_index positions never trip the range check
+    uf.token_stats(h, w, torch.tensor([0, -100, 29, -100]))
