@@ -307,7 +307,7 @@ class BitMask:
         for w in self.words:
             offsets.append(start)
             start += w.numel()
-        flat = torch.cat([w.detach().to("cpu") for w in self.words]) if self.words else torch.zeros(0, dtype=torch.int32)
+        flat = torch.cat([w.detach().to("cpu") for w in self.words] + [torch.zeros(0, dtype=torch.int32)])
         names = self.names if self.names is not None else [str(i) for i in range(len(self))]
         metadata = {
             "format": FORMAT, "version": FORMAT_VERSION, "bit_order": "little",

@@ -1,11 +1,11 @@
 """Triton multi-tensor kernels for the saliency primitives (unlearn_fast/ops/saliency.py).
 
-Multi-tensor apply: one launch covers a whole tensor list.  A small table on the device
-holds each tensor's data pointer (one int64 per tensor and list argument), its element
-count, and for every program the tensor it works on and its first element; a program
-casts the pointer to the list's element type (a constexpr: lists are grouped by dtype)
-and processes BLOCK consecutive elements (BLOCK is a multiple of 32, so a program owns
-whole words of a packed mask).  Offsets are 64-bit.  Reductions write one float32
+Multi-tensor apply: one launch covers a whole tensor list.  Small tables on the device
+hold each tensor's data pointer (one int64 per tensor and list argument), its element
+count and its first program; a program finds its tensor by binary search, casts the
+pointer to the list's element type (a constexpr: lists are grouped by dtype) and
+processes BLOCK consecutive elements (BLOCK is a multiple of 32, so a program owns whole
+words of a packed mask).  Offsets are 64-bit.  Reductions write one float32
 partial per program, summed in float64 on the host side of the launch (deterministic);
 histograms and counts are integer atomics.  Runs under TRITON_INTERPRET=1 on the CPU.
 """
@@ -48,28 +48,41 @@ def _pointers(tensors: Sequence[torch.Tensor], device) -> torch.Tensor:
 
 
 class _Table:
-    """Per-tensor element counts and the (tensor, first element) of every program."""
+    """Per-tensor element counts and first program (prefix sum of the programs per
+    tensor, T + 1 entries): a program finds its tensor by binary search, so the table
+    has 2T + 1 entries whatever the number of programs."""
 
     def __init__(self, numels: Sequence[int], device: torch.device, block: int = BLOCK):
         n = torch.tensor(list(numels), dtype=torch.int64)
         per = (n + block - 1) // block
-        self.num_programs = int(per.sum())
-        tensor_of = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), per)
-        first_program = torch.cumsum(per, 0) - per
-        start = (torch.arange(self.num_programs, dtype=torch.int64) - first_program[tensor_of]) * block
+        first = torch.zeros(len(numels) + 1, dtype=torch.int64)
+        first[1:] = torch.cumsum(per, 0)
+        self.num_programs = int(first[-1])
+        self.num_tensors = len(numels)
+        self.log_t = max(1, (len(numels)).bit_length())  # binary-search steps
         self.numel = _to_device(n, device)
-        self.tensor = _to_device(tensor_of.to(torch.int32), device)
-        self.start = _to_device(start, device)
+        self.first = _to_device(first, device)
+
+    def args(self):
+        return self.numel, self.first, self.num_tensors
 
 
 @triton.jit
-def _locate(numel_ptr, tensor_ptr, start_ptr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(tensor_ptr + pid)
-    start = tl.load(start_ptr + pid)
-    n = tl.load(numel_ptr + t)
+def _locate(numel_ptr, first_ptr, num_tensors, LOG_T: tl.constexpr, BLOCK: tl.constexpr):
+    """(tensor, first element, element count, offsets) of this program."""
+    pid = tl.program_id(0).to(tl.int64)
+    lo = pid * 0
+    hi = lo + num_tensors
+    for _ in tl.static_range(LOG_T):  # invariant: first[lo] <= pid < first[hi]
+        open_ = hi - lo > 1
+        mid = (lo + hi) // 2
+        right = tl.load(first_ptr + mid) <= pid
+        lo = tl.where(open_ & right, mid, lo)
+        hi = tl.where(open_ & ~right, mid, hi)
+    start = (pid - tl.load(first_ptr + lo)) * BLOCK
+    n = tl.load(numel_ptr + lo)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    return t, start, n, offs
+    return lo, start, n, offs
 
 
 @triton.jit
@@ -88,8 +101,9 @@ def _mask_bits(wptr, offs, valid):
 
 
 @triton.jit
-def _fisher_kernel(f_ptrs, g_ptrs, numel_ptr, tensor_ptr, start_ptr, scale, G_DT: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, n, offs = _locate(numel_ptr, tensor_ptr, start_ptr, BLOCK)
+def _fisher_kernel(f_ptrs, g_ptrs, numel_ptr, first_ptr, num_tensors, scale, G_DT: tl.constexpr,
+                   LOG_T: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, n, offs = _locate(numel_ptr, first_ptr, num_tensors, LOG_T, BLOCK)
     valid = offs < n
     f = tl.load(f_ptrs + t).to(tl.pointer_type(tl.float32))
     g = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
@@ -99,8 +113,9 @@ def _fisher_kernel(f_ptrs, g_ptrs, numel_ptr, tensor_ptr, start_ptr, scale, G_DT
 
 
 @triton.jit
-def _ratio_kernel(w_ptrs, a_ptrs, b_ptrs, numel_ptr, tensor_ptr, start_ptr, threshold, eps, BLOCK: tl.constexpr):
-    t, start, n, offs = _locate(numel_ptr, tensor_ptr, start_ptr, BLOCK)
+def _ratio_kernel(w_ptrs, a_ptrs, b_ptrs, numel_ptr, first_ptr, num_tensors, threshold, eps,
+                  LOG_T: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, n, offs = _locate(numel_ptr, first_ptr, num_tensors, LOG_T, BLOCK)
     valid = offs < n
     a = tl.load(tl.load(a_ptrs + t).to(tl.pointer_type(tl.float32)) + offs, mask=valid, other=0.0)
     b = tl.load(tl.load(b_ptrs + t).to(tl.pointer_type(tl.float32)) + offs, mask=valid, other=1.0)
@@ -119,9 +134,9 @@ def _abs_key(x_ptr, offs, valid):
 
 
 @triton.jit
-def _histogram_kernel(x_ptrs, hist_ptr, numel_ptr, tensor_ptr, start_ptr, shift, prefix_shift, prefix,
-                      X_DT: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, n, offs = _locate(numel_ptr, tensor_ptr, start_ptr, BLOCK)
+def _histogram_kernel(x_ptrs, hist_ptr, numel_ptr, first_ptr, num_tensors, shift, prefix_shift, prefix,
+                      X_DT: tl.constexpr, NUM_BINS: tl.constexpr, LOG_T: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, n, offs = _locate(numel_ptr, first_ptr, num_tensors, LOG_T, BLOCK)
     valid = offs < n
     key = _abs_key(tl.load(x_ptrs + t).to(tl.pointer_type(X_DT)), offs, valid)
     chosen = valid & ((key >> prefix_shift) == prefix)
@@ -135,9 +150,9 @@ def _histogram_kernel(x_ptrs, hist_ptr, numel_ptr, tensor_ptr, start_ptr, shift,
 
 
 @triton.jit
-def _count_equal_kernel(x_ptrs, count_ptr, numel_ptr, tensor_ptr, start_ptr, key, X_DT: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    t, start, n, offs = _locate(numel_ptr, tensor_ptr, start_ptr, BLOCK)
+def _count_equal_kernel(x_ptrs, count_ptr, numel_ptr, first_ptr, num_tensors, key, X_DT: tl.constexpr,
+                        LOG_T: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, n, offs = _locate(numel_ptr, first_ptr, num_tensors, LOG_T, BLOCK)
     valid = offs < n
     k = _abs_key(tl.load(x_ptrs + t).to(tl.pointer_type(X_DT)), offs, valid)
     c = tl.sum((valid & (k == key)).to(tl.int64), axis=0)
@@ -145,9 +160,9 @@ def _count_equal_kernel(x_ptrs, count_ptr, numel_ptr, tensor_ptr, start_ptr, key
 
 
 @triton.jit
-def _topk_mask_kernel(w_ptrs, x_ptrs, limit_ptr, numel_ptr, tensor_ptr, start_ptr, key, X_DT: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    t, start, n, offs = _locate(numel_ptr, tensor_ptr, start_ptr, BLOCK)
+def _topk_mask_kernel(w_ptrs, x_ptrs, limit_ptr, numel_ptr, first_ptr, num_tensors, key, X_DT: tl.constexpr,
+                      LOG_T: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, n, offs = _locate(numel_ptr, first_ptr, num_tensors, LOG_T, BLOCK)
     valid = offs < n
     k = _abs_key(tl.load(x_ptrs + t).to(tl.pointer_type(X_DT)), offs, valid)
     limit = tl.load(limit_ptr + t)
@@ -171,10 +186,10 @@ def _transformed(g, t, offs, valid, w_ptrs, p_ptrs, lam, HAS_MASK: tl.constexpr,
 
 
 @triton.jit
-def _reduce_kernel(g_ptrs, w_ptrs, p_ptrs, r_ptrs, partial_ptr, numel_ptr, tensor_ptr, start_ptr, lam,
+def _reduce_kernel(g_ptrs, w_ptrs, p_ptrs, r_ptrs, partial_ptr, numel_ptr, first_ptr, num_tensors, lam,
                    G_DT: tl.constexpr, HAS_MASK: tl.constexpr, GEOMETRY: tl.constexpr, RETAIN: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    t, start, n, offs = _locate(numel_ptr, tensor_ptr, start_ptr, BLOCK)
+                   LOG_T: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, n, offs = _locate(numel_ptr, first_ptr, num_tensors, LOG_T, BLOCK)
     valid = offs < n
     pid = tl.program_id(0).to(tl.int64)
     g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(G_DT)) + offs, mask=valid, other=0.0).to(tl.float32)
@@ -190,10 +205,10 @@ def _reduce_kernel(g_ptrs, w_ptrs, p_ptrs, r_ptrs, partial_ptr, numel_ptr, tenso
 
 
 @triton.jit
-def _apply_kernel(g_ptrs, w_ptrs, p_ptrs, r_ptrs, coef_ptr, numel_ptr, tensor_ptr, start_ptr, lam,
+def _apply_kernel(g_ptrs, w_ptrs, p_ptrs, r_ptrs, coef_ptr, numel_ptr, first_ptr, num_tensors, lam,
                   G_DT: tl.constexpr, HAS_MASK: tl.constexpr, GEOMETRY: tl.constexpr, RETAIN: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    t, start, n, offs = _locate(numel_ptr, tensor_ptr, start_ptr, BLOCK)
+                  LOG_T: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, n, offs = _locate(numel_ptr, first_ptr, num_tensors, LOG_T, BLOCK)
     valid = offs < n
     gp = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
     g = tl.load(gp + offs, mask=valid, other=0.0).to(tl.float32)
@@ -207,9 +222,9 @@ def _apply_kernel(g_ptrs, w_ptrs, p_ptrs, r_ptrs, coef_ptr, numel_ptr, tensor_pt
 
 
 @triton.jit
-def _reset_kernel(p_ptrs, o_ptrs, w_ptrs, numel_ptr, tensor_ptr, start_ptr, BITS_DT: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    t, start, n, offs = _locate(numel_ptr, tensor_ptr, start_ptr, BLOCK)
+def _reset_kernel(p_ptrs, o_ptrs, w_ptrs, numel_ptr, first_ptr, num_tensors, BITS_DT: tl.constexpr,
+                  LOG_T: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, n, offs = _locate(numel_ptr, first_ptr, num_tensors, LOG_T, BLOCK)
     valid = offs < n
     bit = _mask_bits(tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32)), offs, valid)
     o = tl.load(tl.load(o_ptrs + t).to(tl.pointer_type(BITS_DT)) + offs, mask=valid & ~bit)
@@ -218,8 +233,9 @@ def _reset_kernel(p_ptrs, o_ptrs, w_ptrs, numel_ptr, tensor_ptr, start_ptr, BITS
 
 
 @triton.jit
-def _popcount_kernel(w_ptrs, total_ptr, numel_ptr, tensor_ptr, start_ptr, BLOCK: tl.constexpr):
-    t, start, n, offs = _locate(numel_ptr, tensor_ptr, start_ptr, BLOCK)
+def _popcount_kernel(w_ptrs, total_ptr, numel_ptr, first_ptr, num_tensors, LOG_T: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    t, start, n, offs = _locate(numel_ptr, first_ptr, num_tensors, LOG_T, BLOCK)
     valid = offs < n
     w = tl.load(tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32)) + offs, mask=valid, other=0)
     w = w.to(tl.uint32, bitcast=True)
@@ -239,8 +255,8 @@ def fisher_accumulate(fisher: List[torch.Tensor], grads: List[torch.Tensor], sca
     dev = _device(fisher)
     tab = _Table([f.numel() for f in fisher], dev)
     if tab.num_programs:
-        _fisher_kernel[(tab.num_programs,)](_pointers(fisher, dev), _pointers(grads, dev), tab.numel, tab.tensor,
-                                            tab.start, float(scale), G_DT=_tl_dtype(grads), BLOCK=BLOCK,
+        _fisher_kernel[(tab.num_programs,)](_pointers(fisher, dev), _pointers(grads, dev), *tab.args(),
+                                            float(scale), G_DT=_tl_dtype(grads), LOG_T=tab.log_t, BLOCK=BLOCK,
                                             num_warps=NUM_WARPS)
 
 
@@ -251,8 +267,8 @@ def ratio_mask(words, forget, preserve, threshold: float, eps: float) -> None:
     tab = _Table([f.numel() for f in forget], dev)
     if tab.num_programs:
         _ratio_kernel[(tab.num_programs,)](_pointers(words, dev), _pointers(forget, dev), _pointers(preserve, dev),
-                                           tab.numel, tab.tensor, tab.start, float(threshold), float(eps),
-                                           BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                           *tab.args(), float(threshold), float(eps),
+                                           LOG_T=tab.log_t, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def abs_histogram(scores, shift: int, bits: int, prefix_shift: int, prefix: int) -> torch.Tensor:
@@ -260,9 +276,9 @@ def abs_histogram(scores, shift: int, bits: int, prefix_shift: int, prefix: int)
     hist = torch.zeros(1 << bits, dtype=torch.int64, device=dev)
     tab = _Table([s.numel() for s in scores], dev)
     if tab.num_programs:
-        _histogram_kernel[(tab.num_programs,)](_pointers(scores, dev), hist, tab.numel, tab.tensor, tab.start,
+        _histogram_kernel[(tab.num_programs,)](_pointers(scores, dev), hist, *tab.args(),
                                                int(shift), int(prefix_shift), int(prefix), X_DT=_tl_dtype(scores),
-                                               NUM_BINS=1 << bits, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                               NUM_BINS=1 << bits, LOG_T=tab.log_t, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return hist
 
 
@@ -271,8 +287,9 @@ def count_equal(scores, key: int) -> torch.Tensor:
     counts = torch.zeros(len(scores), dtype=torch.int64, device=dev)
     tab = _Table([s.numel() for s in scores], dev)
     if tab.num_programs:
-        _count_equal_kernel[(tab.num_programs,)](_pointers(scores, dev), counts, tab.numel, tab.tensor, tab.start,
-                                                 int(key), X_DT=_tl_dtype(scores), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _count_equal_kernel[(tab.num_programs,)](_pointers(scores, dev), counts, *tab.args(), int(key),
+                                                 X_DT=_tl_dtype(scores), LOG_T=tab.log_t, BLOCK=BLOCK,
+                                                 num_warps=NUM_WARPS)
     return counts
 
 
@@ -283,8 +300,8 @@ def topk_mask(words, scores, key: int, tie_limits) -> None:
     tab = _Table([s.numel() for s in scores], dev)
     limits = _to_device(torch.tensor([int(x) for x in tie_limits], dtype=torch.int64), dev)
     if tab.num_programs:
-        _topk_mask_kernel[(tab.num_programs,)](_pointers(words, dev), _pointers(scores, dev), limits, tab.numel,
-                                               tab.tensor, tab.start, int(key), X_DT=_tl_dtype(scores), BLOCK=BLOCK,
+        _topk_mask_kernel[(tab.num_programs,)](_pointers(words, dev), _pointers(scores, dev), limits, *tab.args(),
+                                               int(key), X_DT=_tl_dtype(scores), LOG_T=tab.log_t, BLOCK=BLOCK,
                                                num_warps=NUM_WARPS)
 
 
@@ -306,8 +323,8 @@ def transform_reduce(grads, words, preserve, retain, lam: float) -> torch.Tensor
     dev, tab, gp, wp, pp, rp, flags = _transform_args(grads, words, preserve, retain)
     partial = torch.zeros((max(tab.num_programs, 1), 3), dtype=torch.float32, device=dev)
     if tab.num_programs:
-        _reduce_kernel[(tab.num_programs,)](gp, wp, pp, rp, partial, tab.numel, tab.tensor, tab.start, float(lam),
-                                            BLOCK=BLOCK, num_warps=NUM_WARPS, **flags)
+        _reduce_kernel[(tab.num_programs,)](gp, wp, pp, rp, partial, *tab.args(), float(lam),
+                                            LOG_T=tab.log_t, BLOCK=BLOCK, num_warps=NUM_WARPS, **flags)
     return partial.to(torch.float64).sum(0)
 
 
@@ -317,8 +334,8 @@ def transform_apply(grads, words, preserve, retain, lam: float, coef: torch.Tens
     dev, tab, gp, wp, pp, rp, flags = _transform_args(grads, words, preserve, retain)
     coef = coef.to(device=dev, dtype=torch.float32).contiguous()
     if tab.num_programs:
-        _apply_kernel[(tab.num_programs,)](gp, wp, pp, rp, coef, tab.numel, tab.tensor, tab.start, float(lam),
-                                           BLOCK=BLOCK, num_warps=NUM_WARPS, **flags)
+        _apply_kernel[(tab.num_programs,)](gp, wp, pp, rp, coef, *tab.args(), float(lam),
+                                           LOG_T=tab.log_t, BLOCK=BLOCK, num_warps=NUM_WARPS, **flags)
 
 
 def reset(params, originals, words) -> None:
@@ -329,7 +346,7 @@ def reset(params, originals, words) -> None:
     bits_dt = _TL_BITS[params[0].element_size()]
     if tab.num_programs:
         _reset_kernel[(tab.num_programs,)](_pointers(params, dev), _pointers(originals, dev), _pointers(words, dev),
-                                           tab.numel, tab.tensor, tab.start, BITS_DT=bits_dt, BLOCK=BLOCK,
+                                           *tab.args(), BITS_DT=bits_dt, LOG_T=tab.log_t, BLOCK=BLOCK,
                                            num_warps=NUM_WARPS)
 
 
@@ -338,6 +355,6 @@ def popcount(words) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.int64, device=dev)
     tab = _Table([w.numel() for w in words], dev)
     if tab.num_programs:
-        _popcount_kernel[(tab.num_programs,)](_pointers(words, dev), total, tab.numel, tab.tensor, tab.start,
-                                              BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _popcount_kernel[(tab.num_programs,)](_pointers(words, dev), total, *tab.args(),
+                                              LOG_T=tab.log_t, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return total
