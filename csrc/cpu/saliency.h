@@ -73,7 +73,16 @@ inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const BF16* p, int64_t i) { return bf16_bits_to_float(p[i].bits); }
 inline float load(const F16* p, int64_t i) { return half_bits_to_float(p[i].bits); }
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(BF16* p, int64_t i, float v) { p[i].bits = float_to_bf16_bits(v); }
+// float -> bfloat16 bits, round to nearest even, NaN kept quiet; branch-free so that
+// store loops vectorise (simd_math.h's float_to_bf16_bits returns early for NaN).
+inline uint16_t bf16_round(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (b >> 16) | 0x40u;
+  return static_cast<uint16_t>((b & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+inline void store(BF16* p, int64_t i, float v) { p[i].bits = bf16_round(v); }
 inline void store(F16* p, int64_t i, float v) { p[i].bits = float_to_half_bits(v); }
 
 inline uint32_t abs_key(float v) {
@@ -199,42 +208,60 @@ inline void topk_mask(const S* x, int64_t n, int64_t first, uint32_t key, int64_
 //   apply:  g <- c * t - alpha * r                                  (one rounding to g's dtype)
 // n elements from a word boundary; words points at the chunk's first word.
 // ---------------------------------------------------------------------------------
+// The elementwise kernels walk the data one mask word (32 elements) at a time: the
+// inner 32-lane loop reads its bits as (word >> j) & 1, which vectorises (a variable
+// shift per lane), where indexing words[i >> 5] per element does not.
 template <bool kMask, bool kGeom, typename G>
-inline float transformed(const G* g, const float* fisher, const uint32_t* words, int64_t i, float lam) {
+inline float transformed(const G* g, const float* fisher, uint32_t word, int64_t i, int j, float lam) {
   float t = load(g, i);
   if (kGeom) t = t / (fisher[i] + lam);
-  if (kMask) t = ((words[i >> 5] >> (i & 31)) & 1u) ? t : 0.0f;
+  if (kMask) t = ((word >> j) & 1u) ? t : 0.0f;
   return t;
 }
 
 template <bool kMask, bool kGeom, bool kRetain, typename G>
 inline void transform_reduce(const G* g, const uint32_t* words, const float* fisher, const G* retain, int64_t n,
                              float lam, double* sums) {
-  // float partials over short runs, double across them: accurate and vectorisable.
-  constexpr int64_t kRun = 1024;
+  // Lane-wise float accumulators (32 lanes, no horizontal add per word) over runs of
+  // 1024 elements, then double across runs: accurate and vectorised.
+  constexpr int64_t kRunWords = 32;
+  const int64_t full = n / 32;
   double s0 = 0.0, s1 = 0.0, s2 = 0.0;
-  for (int64_t b = 0; b < n; b += kRun) {
-    const int64_t e = b + kRun < n ? b + kRun : n;
-    float a0 = 0.f, a1 = 0.f, a2 = 0.f;
-    if (!kRetain) {
-#pragma omp simd reduction(+ : a0)
-      for (int64_t i = b; i < e; ++i) {
-        const float x = load(g, i);
-        a0 += x * x;
-      }
-    } else {
-#pragma omp simd reduction(+ : a0, a1, a2)
-      for (int64_t i = b; i < e; ++i) {
-        const float x = load(g, i);
-        const float r = load(retain, i);
-        a0 += x * x;
-        a1 += transformed<kMask, kGeom>(g, fisher, words, i, lam) * r;
-        a2 += r * r;
+  for (int64_t w0 = 0; w0 < full; w0 += kRunWords) {
+    const int64_t w1 = w0 + kRunWords < full ? w0 + kRunWords : full;
+    float a0[32] = {0.f}, a1[32] = {0.f}, a2[32] = {0.f};
+    for (int64_t w = w0; w < w1; ++w) {
+      const uint32_t word = kMask ? words[w] : ~0u;
+      const int64_t base = 32 * w;
+#pragma omp simd
+      for (int j = 0; j < 32; ++j) {
+        const float x = load(g, base + j);
+        a0[j] += x * x;
+        if (kRetain) {
+          const float r = load(retain, base + j);
+          a1[j] += transformed<kMask, kGeom>(g, fisher, word, base + j, j, lam) * r;
+          a2[j] += r * r;
+        }
       }
     }
-    s0 += a0;
-    s1 += a1;
-    s2 += a2;
+    float t0 = 0.f, t1 = 0.f, t2 = 0.f;
+    for (int j = 0; j < 32; ++j) {
+      t0 += a0[j];
+      t1 += a1[j];
+      t2 += a2[j];
+    }
+    s0 += t0;
+    s1 += t1;
+    s2 += t2;
+  }
+  for (int64_t i = 32 * full; i < n; ++i) {  // the last partial word
+    const float x = load(g, i);
+    s0 += x * x;
+    if (kRetain) {
+      const float r = load(retain, i);
+      s1 += transformed<kMask, kGeom>(g, fisher, kMask ? words[full] : ~0u, i, static_cast<int>(i - 32 * full), lam) * r;
+      s2 += r * r;
+    }
   }
   sums[0] += s0;
   sums[1] += s1;
@@ -244,9 +271,19 @@ inline void transform_reduce(const G* g, const uint32_t* words, const float* fis
 template <bool kMask, bool kGeom, bool kRetain, typename G>
 inline void transform_apply(G* g, const uint32_t* words, const float* fisher, const G* retain, int64_t n, float lam,
                             float clip, float alpha) {
+  const int64_t full = n / 32;
+  for (int64_t w = 0; w < full; ++w) {
+    const uint32_t word = kMask ? words[w] : ~0u;
+    const int64_t base = 32 * w;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    float t = clip * transformed<kMask, kGeom>(g, fisher, words, i, lam);
+    for (int j = 0; j < 32; ++j) {
+      float t = clip * transformed<kMask, kGeom>(g, fisher, word, base + j, j, lam);
+      if (kRetain) t -= alpha * load(retain, base + j);
+      store(g, base + j, t);
+    }
+  }
+  for (int64_t i = 32 * full; i < n; ++i) {
+    float t = clip * transformed<kMask, kGeom>(g, fisher, kMask ? words[full] : ~0u, i, static_cast<int>(i - 32 * full), lam);
     if (kRetain) t -= alpha * load(retain, i);
     store(g, i, t);
   }
@@ -255,10 +292,14 @@ inline void transform_apply(G* g, const uint32_t* words, const float* fisher, co
 // SalUn reset: where the bit is 0, param <- original (bitwise copy; same dtype).
 template <typename T>
 inline void reset_unmasked(T* param, const T* original, const uint32_t* words, int64_t n) {
+  const int64_t nwords = (n + 31) / 32;
+  for (int64_t w = 0; w < nwords; ++w) {
+    const uint32_t word = words[w];
+    if (word == ~0u) continue;  // all kept: nothing to read or write
+    const int64_t base = 32 * w;
+    const int m = n - base < 32 ? static_cast<int>(n - base) : 32;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const bool keep = (words[i >> 5] >> (i & 31)) & 1u;
-    param[i] = keep ? param[i] : original[i];
+    for (int j = 0; j < m; ++j) param[base + j] = ((word >> j) & 1u) ? param[base + j] : original[base + j];
   }
 }
 
