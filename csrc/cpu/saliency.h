@@ -152,11 +152,27 @@ inline void abs_histogram(const S* x, int64_t n, int shift, int bits, int prefix
     for (; i < n; ++i) hist4[(abs_key(load(x, i)) >> shift) & digit_mask]++;
     return;
   }
+  // Later digits count only the elements under the chosen prefix (a small fraction):
+  // find them 32 at a time with a vectorised compare, then visit the set bits.
   int u = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t k = abs_key(load(x, i));
-    if ((k >> prefix_shift) == prefix) {
-      hist4[u * stride + ((k >> shift) & digit_mask)]++;
+  const int64_t full = n / 32;
+  for (int64_t w = 0; w <= full; ++w) {
+    const int64_t base = 32 * w;
+    uint32_t hits = 0;
+    if (w < full) {
+#pragma omp simd reduction(| : hits)
+      for (int j = 0; j < 32; ++j) {
+        hits |= static_cast<uint32_t>((abs_key(load(x, base + j)) >> prefix_shift) == prefix) << j;
+      }
+    } else {
+      for (int j = 0; j < n - base; ++j) {
+        hits |= static_cast<uint32_t>((abs_key(load(x, base + j)) >> prefix_shift) == prefix) << j;
+      }
+    }
+    while (hits) {
+      const int j = __builtin_ctz(hits);
+      hits &= hits - 1;
+      hist4[u * stride + ((abs_key(load(x, base + j)) >> shift) & digit_mask)]++;
       u = (u + 1) & 3;
     }
   }
@@ -181,22 +197,25 @@ inline void topk_mask(const S* x, int64_t n, int64_t first, uint32_t key, int64_
   for (int64_t w = 0; w < nwords; ++w) {
     const int64_t base = 32 * w;
     const int64_t m = n - base < 32 ? n - base : 32;
-    uint32_t bits = 0;
+    uint32_t gt = 0, eq = 0;
     if (m == 32) {
-#pragma omp simd reduction(| : bits)
+#pragma omp simd reduction(| : gt, eq)
       for (int j = 0; j < 32; ++j) {
         const uint32_t k = abs_key(load(x, base + j));
-        const bool take = k > key || (k == key && first + base + j < tie_limit);
-        bits |= static_cast<uint32_t>(take) << j;
+        gt |= static_cast<uint32_t>(k > key) << j;
+        eq |= static_cast<uint32_t>(k == key) << j;
       }
     } else {
       for (int64_t j = 0; j < m; ++j) {
         const uint32_t k = abs_key(load(x, base + j));
-        const bool take = k > key || (k == key && first + base + j < tie_limit);
-        bits |= static_cast<uint32_t>(take) << j;
+        gt |= static_cast<uint32_t>(k > key) << j;
+        eq |= static_cast<uint32_t>(k == key) << j;
       }
     }
-    words[w] = bits;
+    // ties are kept at element indices below tie_limit: the low `allowed` bits of the word
+    const int64_t allowed = tie_limit - (first + base);
+    const uint32_t low = allowed >= 32 ? ~0u : (allowed <= 0 ? 0u : ((uint32_t(1) << allowed) - 1u));
+    words[w] = gt | (eq & low);
   }
 }
 
