@@ -123,8 +123,7 @@ def _resolve(backend: str, device: torch.device, dtypes: Iterable[torch.dtype]) 
     return name
 
 
-def _groups(tensors: Sequence[Optional[torch.Tensor]], *extra_dtypes: Sequence[Optional[torch.Tensor]]
-            ) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
+def _groups(tensors: Sequence[Optional[torch.Tensor]]) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
     """Indices of the non-empty tensors grouped by (device, dtype): one launch per group."""
     out: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
     for i, t in enumerate(tensors):

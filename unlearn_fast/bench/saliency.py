@@ -11,18 +11,25 @@ Ops (rows ``op``):
   transform_geometry_proj SFR-on geometry g = m g / (F_p + lam), clip, projection off a retain gradient
   accumulate+transform    fisher_accumulate + transform_mask_clip (the issue's 5x target)
   salun_reset             theta <- m theta + (1 - m) theta_orig
-Each row: median time, IQR, peak memory (RSS above the inputs on CPU), ratio to eager in
-the same run, and the roofline floor: the bytes the fused algorithm must move (its passes)
+Each row: median time, IQR, peak memory (RSS above the inputs on CPU; also as a fraction
+of the weights' size), ratio to eager in the same run, and the roofline floor: the bytes the fused algorithm must move (its passes)
 over a measured streaming bandwidth (``stream_bandwidth``: b += a on 512 MiB, 3 x 4 bytes
 per element; torch's copy_ under-reports it on CPUs that read the destination first).
 For the top-k, the floor is one read of the scores (any selection needs it), so the
 fraction shows what the radix passes cost.
+
+Timing: the providers of one op run interleaved within each repetition (order rotated),
+so that load changes on a shared machine hit them alike; all timings are taken before
+any peak-memory measurement (the RSS sampler retunes glibc's malloc, which would slow the
+eager loops' temporaries).  ``OMP_NUM_THREADS=1`` compares single-core throughput, free
+of the OpenMP barrier stalls that oversubscribed machines inflict on the eager loops.
 """
 from __future__ import annotations
 
 import gc
 import math
 import statistics
+import time
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -140,33 +147,102 @@ def _providers(args, device) -> List[str]:
     return out
 
 
-class _Runner:
-    def __init__(self, args, recorder, device, shape, dtype):
-        self.recorder, self.device, self.shape, self.dtype = recorder, device, shape, dtype
-        self.reps = 2 if args.quick else 3
-        self.eager: Dict[str, tuple] = {}
-        self.medians: Dict[tuple, float] = {}
+class Case:
+    """One op measured for several providers: fns[provider]() runs it once."""
 
-    def measure(self, op: str, provider: str, mode: str, fn: Callable[[], object], floor_bytes: Optional[float],
-                bandwidth: float, memory: bool = True) -> Optional[float]:
-        try:
-            times = time_fn(fn, self.device, warmup=1, reps=self.reps)
-            peak = peak_memory(fn, self.device) if memory else None
-        except Exception as exc:  # e.g. out of memory: record and go on
-            print(f"  {op} {provider} failed: {exc}")
-            return None
-        eager_med, eager_peak = self.eager.get(op, (None, None))
-        med = self.recorder.add_timing(op, provider, mode, self.shape, dtype_str(self.dtype), self.device, times,
-                                       peak_bytes=peak, eager_median=eager_med, eager_peak=eager_peak,
-                                       floor_seconds=floor_bytes / bandwidth if floor_bytes else None)
-        if provider == "eager":
-            self.eager[op] = (med, peak)
-        self.medians[(op, provider)] = med
+    def __init__(self, op: str, mode: str, floor_bytes: float, fns: Dict[str, Callable[[], object]],
+                 output_bytes: Optional[Dict[str, int]] = None):
+        self.op, self.mode, self.floor_bytes, self.fns, self.output_bytes = op, mode, floor_bytes, fns, output_bytes
+
+
+def _sections(S, shapes, device, dtype, providers, gen):
+    """Yield the Cases of one dtype, section by section (each section's data is freed
+    before the next is built)."""
+    n = sum(math.prod(s) for s in shapes)
+    es = torch.tensor([], dtype=dtype).element_size()
+    fused = [p for p in providers if p not in ("eager", "foreach")]
+
+    def randn(scale=1.0):
+        return [(torch.randn(s, generator=gen) * scale).to(device=device, dtype=dtype) for s in shapes]
+
+    def rand():
+        return [torch.rand(s, generator=gen).to(device) for s in shapes]
+
+    grads = randn()
+    fisher = [torch.zeros(s, device=device) for s in shapes]
+    fns = {"eager": lambda: paper_fisher(fisher, grads, 0.125), "foreach": lambda: foreach_fisher(fisher, grads, 0.125)}
+    for p in fused:
+        fns[p] = (lambda a: lambda: a.accumulate(grads, 0.125))(S.FisherAccumulator(grads, backend=p))
+    yield Case("fisher_accumulate", "F+=s*g^2", n * (es + 8), fns)
+    del fisher, fns
+
+    dense = [torch.rand(s, generator=gen).to(device) > 0.5 for s in shapes]
+    float_masks = [m.to(dtype) for m in dense]  # the papers keep float masks
+    bits = S.BitMask.from_dense(dense)
+    del dense
+    fns = {"eager": lambda: paper_transform_mask_clip(grads, float_masks),
+           "foreach": lambda: foreach_transform_mask_clip(grads, float_masks)}
+    for p in fused:
+        fns[p] = (lambda be: lambda: S.transform_gradients_(grads, bits, max_norm=MAX_NORM, backend=be))(p)
+    yield Case("transform_mask_clip", "clip,mask", n * (3 * es + 1 / 8), fns)
+
+    preserve, retain = rand(), randn()
+    fns = {"eager": lambda: paper_transform_geometry(grads, float_masks, preserve, retain)}
+    for p in fused:
+        fns[p] = (lambda be: lambda: S.transform_gradients_(grads, bits, mode="geometry", preserve_fisher=preserve,
+                                                             lam=LAM, project_out=retain, max_norm=MAX_NORM,
+                                                             backend=be))(p)
+    yield Case("transform_geometry_proj", "geom,clip,proj", n * (2 * (2 * es + 4 + 1 / 8) + es), fns)
+    del preserve, retain, fns
+
+    originals = randn()
+    fns = {"eager": lambda: paper_reset(grads, originals, float_masks)}
+    for p in fused:
+        fns[p] = (lambda be: lambda: S.reset_unmasked_(grads, originals, bits, backend=be))(p)
+    yield Case("salun_reset", "reset", n * (3 * es + 1 / 8), fns)
+    del originals, float_masks, grads, bits, fns
+    gc.collect()
+
+    if dtype == torch.float32:  # Fishers are float32 whatever the model dtype
+        ff, fp = rand(), rand()
+        fns = {"eager": lambda: paper_ratio(ff, fp)}
+        for p in fused:
+            fns[p] = (lambda be: lambda: S.ratio_mask(ff, fp, backend=be))(p)
+        # the papers' float32 masks vs the packed BitMask (whole words per tensor)
+        mask_bytes = {p: 4 * n if p == "eager" else 4 * sum((math.prod(s) + 31) // 32 for s in shapes) for p in fns}
+        yield Case("ratio_mask", "mask", n * (8 + 1 / 8), fns, mask_bytes)
+        del ff, fp, fns
         gc.collect()
-        return peak
 
-    def add(self, op, provider, mode, metric, value):
-        self.recorder.add(op, provider, mode, self.shape, dtype_str(self.dtype), self.device, metric, value)
+    scores = randn(1e-3)
+    k = int(math.floor(TOPK_FRACTION * n + 0.5))
+    fns = {"eager": lambda: cat_kthvalue(scores, k)}
+    for p in fused:
+        fns[p] = (lambda be: lambda: S.topk_threshold(scores, k=k, backend=be))(p)
+    yield Case("topk_threshold", "select", n * es, fns)
+    fns = {"eager": lambda: salun_topk_masks(scores, k)}
+    for p in fused:
+        fns[p] = (lambda be: lambda: S.topk_mask(scores, TOPK_FRACTION, backend=be))(p)
+    yield Case("topk_mask", "select+mask", n * es + n / 8, fns)
+    del scores, fns
+    gc.collect()
+
+
+def _interleaved_times(fns: Dict[str, Callable[[], object]], device: str, reps: int) -> Dict[str, List[float]]:
+    """Wall times per provider, the providers interleaved within each repetition (and the
+    order rotated) so that a load change on a shared machine hits all of them alike."""
+    names = list(fns)
+    for name in names:  # warm-up
+        fns[name]()
+        synchronize(device)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def run(args, recorder) -> None:
@@ -177,123 +253,77 @@ def run(args, recorder) -> None:
     hidden, inter = QUICK_DIMS if args.quick else FULL_DIMS
     shapes = model_shapes(hidden, inter)
     n = sum(math.prod(s) for s in shapes)
+    reps = 2 if args.quick else 5
     bandwidth = stream_bandwidth(device)
     recorder.add("bandwidth", "stream_add", "b+=a", "512MiB", "float32", device, "bandwidth_gbps", bandwidth / 1e9)
     print(f"  {len(shapes)} tensors, {n / 1e6:.1f}M weights; streaming bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"providers {providers}", flush=True)
-    gen = torch.Generator().manual_seed(0)
+    shape = shape_str(tensors=len(shapes), weights=n, layers=LAYERS)
+    dtypes = bench_dtypes(args, default=("float32", "bfloat16"))
+    # Phase 1, times; phase 2, peak memory.  The RSS sampler switches glibc to mmap for
+    # every allocation of 64 KiB or more, which would slow the eager loops' temporaries in
+    # any timing taken after it: so every timing comes first.
+    for phase in ("time", "memory"):
+        for dtype in dtypes:
+            dt = dtype_str(dtype)
+            weights_bytes = n * torch.tensor([], dtype=dtype).element_size()
+            medians: Dict[tuple, float] = {}
+            gen = torch.Generator().manual_seed(0)
+            for case in _sections(S, shapes, device, dtype, providers, gen):
+                fns = {p: f for p, f in case.fns.items() if p in providers}
+                if phase == "time":
+                    times = _interleaved_times(fns, device, reps)
+                    eager_med = statistics.median(times["eager"])
+                    for p, ts in times.items():
+                        medians[(case.op, p)] = recorder.add_timing(
+                            case.op, p, case.mode, shape, dt, device, ts,
+                            eager_median=None if p == "eager" else eager_med,
+                            floor_seconds=case.floor_bytes / bandwidth)
+                else:
+                    eager_peak = None
+                    for p, fn in fns.items():
+                        _release_free_memory()
+                        peak = peak_memory(fn, device)
+                        add = lambda m, v: recorder.add(case.op, p, case.mode, shape, dt, device, m, v)  # noqa: E731
+                        add("peak_mem_bytes", peak)
+                        add("peak_mem_fraction_of_weights", peak / weights_bytes)
+                        if p == "eager":
+                            eager_peak = peak
+                        elif eager_peak:
+                            add("mem_ratio_to_eager", peak / eager_peak)
+                        note = ""
+                        if case.output_bytes is not None:
+                            out_bytes = case.output_bytes[p]
+                            add("mask_bytes", out_bytes)
+                            note = f"  mask {out_bytes / 2**20:8.1f} MiB"
+                        print(f"{case.op:>24} {p:>16} {case.mode:>14} {dt:>9}  peak {peak / 2**20:9.1f} MiB "
+                              f"({peak / weights_bytes:6.1%} of the weights){note}", flush=True)
+                        gc.collect()
+            if phase == "time":
+                _accumulate_plus_transform(recorder, medians, providers, shape, dt, device)
+            synchronize(device)
 
-    def randn(dtype=torch.float32, scale=1.0):
-        return [(torch.randn(s, generator=gen) * scale).to(device=device, dtype=dtype) for s in shapes]
 
-    def rand():
-        return [torch.rand(s, generator=gen).to(device) for s in shapes]
+def _release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim), so that memory the
+    next measurement allocates shows up in the RSS instead of reusing resident pages."""
+    gc.collect()
+    try:
+        import ctypes
 
-    for dtype in bench_dtypes(args, default=("float32", "bfloat16")):
-        es = torch.tensor([], dtype=dtype).element_size()
-        r = _Runner(args, recorder, device, shape_str(tensors=len(shapes), weights=n, layers=LAYERS), dtype)
-        weights_bytes = n * es
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
-        # ---- Fisher accumulation
-        grads = randn(dtype)
-        fisher = [torch.zeros(s, device=device) for s in shapes]
-        acc = {}
-        for p in providers:
-            if p == "eager":
-                fn = lambda: paper_fisher(fisher, grads, 0.125)  # noqa: E731
-            elif p == "foreach":
-                fn = lambda: foreach_fisher(fisher, grads, 0.125)  # noqa: E731
-            else:
-                acc[p] = S.FisherAccumulator(grads, backend=p)
-                fn = (lambda a: lambda: a.accumulate(grads, 0.125))(acc[p])
-            r.measure("fisher_accumulate", p, "F+=s*g^2", fn, n * (es + 8), bandwidth)
-        del fisher, acc
-        gc.collect()
 
-        # ---- Gradient transforms (float masks for the baselines, a BitMask for ours)
-        dense = [torch.rand(s, generator=gen).to(device) > 0.5 for s in shapes]
-        float_masks = [m.to(dtype) for m in dense]
-        bits = S.BitMask.from_dense(dense)
-        del dense
-        for p in providers:
-            if p == "eager":
-                fn = lambda: paper_transform_mask_clip(grads, float_masks)  # noqa: E731
-            elif p == "foreach":
-                fn = lambda: foreach_transform_mask_clip(grads, float_masks)  # noqa: E731
-            else:
-                fn = (lambda be: lambda: S.transform_gradients_(grads, bits, max_norm=MAX_NORM, backend=be))(p)
-            r.measure("transform_mask_clip", p, "clip,mask", fn, n * (3 * es + 1 / 8), bandwidth)
-        for p in providers:
-            a, b = r.medians.get(("fisher_accumulate", p)), r.medians.get(("transform_mask_clip", p))
-            ea, eb = r.medians.get(("fisher_accumulate", "eager")), r.medians.get(("transform_mask_clip", "eager"))
-            if a and b and ea and eb:
-                r.add("accumulate+transform", p, "sum", "time_median_s", a + b)
-                r.add("accumulate+transform", p, "sum", "ratio_to_eager", (ea + eb) / (a + b))
-                print(f"{'accumulate+transform':>24} {p:>16} {'sum':>8} {'':>24} {dtype_str(dtype):>9}  "
-                      f"{(a + b) * 1e3:10.2f} ms  x{(ea + eb) / (a + b):5.2f} vs eager", flush=True)
-        preserve = rand()
-        retain = randn(dtype)
-        for p in providers:
-            if p == "foreach":
-                continue
-            if p == "eager":
-                fn = lambda: paper_transform_geometry(grads, float_masks, preserve, retain)  # noqa: E731
-            else:
-                fn = (lambda be: lambda: S.transform_gradients_(
-                    grads, bits, mode="geometry", preserve_fisher=preserve, lam=LAM, project_out=retain,
-                    max_norm=MAX_NORM, backend=be))(p)
-            r.measure("transform_geometry_proj", p, "geom,clip,proj", fn, n * (2 * (2 * es + 4 + 1 / 8) + es),
-                      bandwidth)
-        del preserve, retain
-
-        # ---- SalUn reset
-        originals = randn(dtype)
-        for p in providers:
-            if p == "foreach":
-                continue
-            if p == "eager":
-                fn = lambda: paper_reset(grads, originals, float_masks)  # noqa: E731
-            else:
-                fn = (lambda be: lambda: S.reset_unmasked_(grads, originals, bits, backend=be))(p)
-            r.measure("salun_reset", p, "reset", fn, n * (3 * es + 1 / 8), bandwidth)
-        del originals, float_masks, grads, bits
-        gc.collect()
-
-        # ---- Masks: ratio (float32 Fishers), top-k over |scores| of this dtype
-        if dtype == torch.float32:
-            ff, fp = rand(), rand()
-            for p in providers:
-                if p == "foreach":
-                    continue
-                fn = (lambda: paper_ratio(ff, fp)) if p == "eager" else \
-                    (lambda be: lambda: S.ratio_mask(ff, fp, backend=be))(p)
-                r.measure("ratio_mask", p, "mask", fn, n * (8 + 1 / 8), bandwidth)
-                out = fn()
-                mask_bytes = sum(m.numel() * m.element_size() for m in out) if p == "eager" else out.nbytes
-                r.add("ratio_mask", p, "mask", "mask_bytes", mask_bytes)
-                print(f"{'':>24} mask memory {p:>8}: {mask_bytes / 2**20:9.1f} MiB", flush=True)
-                del out
-            del ff, fp
-            gc.collect()
-
-        scores = randn(dtype, scale=1e-3)
-        k = int(math.floor(TOPK_FRACTION * n + 0.5))
-        for p in providers:
-            if p == "foreach":
-                continue
-            fn = (lambda: cat_kthvalue(scores, k)) if p == "eager" else \
-                (lambda be: lambda: S.topk_threshold(scores, k=k, backend=be))(p)
-            peak = r.measure("topk_threshold", p, "select", fn, n * es, bandwidth)
-            if peak is not None:
-                r.add("topk_threshold", p, "select", "peak_mem_fraction_of_weights", peak / weights_bytes)
-        for p in providers:
-            if p == "foreach":
-                continue
-            fn = (lambda: salun_topk_masks(scores, k)) if p == "eager" else \
-                (lambda be: lambda: S.topk_mask(scores, TOPK_FRACTION, backend=be))(p)
-            peak = r.measure("topk_mask", p, "select+mask", fn, n * es + n / 8, bandwidth)
-            if peak is not None:
-                r.add("topk_mask", p, "select+mask", "peak_mem_fraction_of_weights", peak / weights_bytes)
-        del scores
-        gc.collect()
-        synchronize(device)
+def _accumulate_plus_transform(recorder, medians, providers, shape, dt, device) -> None:
+    """The issue's target: Fisher accumulation + the MMUnlearner transform, per provider."""
+    ea, eb = medians.get(("fisher_accumulate", "eager")), medians.get(("transform_mask_clip", "eager"))
+    for p in providers:
+        a, b = medians.get(("fisher_accumulate", p)), medians.get(("transform_mask_clip", p))
+        if not (a and b and ea and eb):
+            continue
+        recorder.add("accumulate+transform", p, "sum", shape, dt, device, "time_median_s", a + b)
+        recorder.add("accumulate+transform", p, "sum", shape, dt, device, "ratio_to_eager", (ea + eb) / (a + b))
+        print(f"{'accumulate+transform':>24} {p:>16} {'sum':>8} {'':>24} {dt:>9}  {(a + b) * 1e3:10.2f} ms  "
+              f"x{(ea + eb) / (a + b):5.2f} vs eager", flush=True)
