@@ -187,11 +187,14 @@ def reference_transform_(grads: Tensors, dense_masks: Optional[Sequence[torch.Te
         if preserve is not None:
             g.div_((preserve[i].view(g.shape) + lam).to(g.dtype))
     if retain is not None:
-        dot = sum((g.double() * r.double()).sum() for g, r in zip(grads, retain))
-        rr = sum((r.double() ** 2).sum() for r in retain)
-        proj = dot / rr if float(rr) > 0 else torch.zeros((), dtype=torch.float64)
+        # per-tensor dot products in the gradients' dtype, summed as float32 scalars
+        # (float64 for float64 input, the oracle)
+        acc = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731
+        dot = torch.stack([acc((g * r.view(g.shape)).sum()) for g, r in zip(grads, retain)]).sum()
+        rr = torch.stack([acc((r * r).sum()) for r in retain]).sum()
+        proj = dot / rr if float(rr) > 0 else torch.zeros((), dtype=rr.dtype)
         for g, r in zip(grads, retain):
-            g.sub_((proj * r.double()).to(g.dtype).view(g.shape))
+            g.sub_(r.view(g.shape) * proj.to(g.dtype))
     return total, clip, proj
 
 
