@@ -157,15 +157,27 @@ at::Tensor abs_histogram(at::TensorList scores, int64_t shift, int64_t bits, int
   std::mutex lock;
   UF_DISPATCH_FLOAT(list_dtype(scores, fn, "scores"), fn, [&] {
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-      std::vector<int64_t> local(4 * nb, 0);
+      std::vector<uint32_t> local(4 * nb, 0);  // 32-bit counters: L1-sized; flushed before 2^31 elements
+      std::vector<int64_t> total(nb, 0);
+      int64_t pending = 0;
+      auto flush = [&] {
+        for (int64_t i = 0; i < nb; ++i) {
+          total[i] += int64_t(local[i]) + local[nb + i] + local[2 * nb + i] + local[3 * nb + i];
+        }
+        std::fill(local.begin(), local.end(), 0u);
+        pending = 0;
+      };
       for (int64_t c = b; c < e; ++c) {
         const Chunk& ch = chunks[c];
+        if (pending + ch.len >= (int64_t(1) << 31)) flush();
         saliency::abs_histogram(raw<scalar_t>(scores[ch.tensor]) + ch.start, ch.len, static_cast<int>(shift),
                                 static_cast<int>(bits), static_cast<int>(prefix_shift),
                                 static_cast<uint32_t>(prefix), local.data());
+        pending += ch.len;
       }
+      flush();
       std::lock_guard<std::mutex> guard(lock);  // integer counts: merge order does not matter
-      for (int64_t i = 0; i < nb; ++i) out[i] += local[i] + local[nb + i] + local[2 * nb + i] + local[3 * nb + i];
+      for (int64_t i = 0; i < nb; ++i) out[i] += total[i];
     });
   });
   return hist;

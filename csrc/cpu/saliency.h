@@ -137,19 +137,31 @@ inline void ratio_mask(const float* ff, const float* fp, int64_t n, float thresh
 // digit (key >> shift) & (2^bits - 1).  prefix_shift = 31 selects every element.
 // Four interleaved sub-histograms break the store-to-load dependency when neighbours
 // fall in the same bin (they usually do: parameters of one layer share an exponent);
-// hist must hold 4 << bits counters and is summed by the caller.
+// hist4 holds 4 << bits uint32 counters (small enough for L1; the caller flushes them
+// to 64-bit totals long before they could overflow) and is summed by the caller.
 // ---------------------------------------------------------------------------------
 template <typename S>
 inline void abs_histogram(const S* x, int64_t n, int shift, int bits, int prefix_shift, uint32_t prefix,
-                          int64_t* hist4) {
+                          uint32_t* hist4) {
   const uint32_t digit_mask = (uint32_t(1) << bits) - 1u;
   const int64_t stride = int64_t(1) << bits;
   if (prefix_shift >= 31) {
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-      for (int u = 0; u < 4; ++u) hist4[u * stride + ((abs_key(load(x, i + u)) >> shift) & digit_mask)]++;
+    // digits of 256 elements at a time with vector code, then the scalar increments
+    constexpr int kBlock = 256;
+    uint32_t digit[kBlock];
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int m = n - b < kBlock ? static_cast<int>(n - b) : kBlock;
+#pragma omp simd
+      for (int j = 0; j < m; ++j) digit[j] = (abs_key(load(x, b + j)) >> shift) & digit_mask;
+      int j = 0;
+      for (; j + 4 <= m; j += 4) {
+        hist4[digit[j]]++;
+        hist4[stride + digit[j + 1]]++;
+        hist4[2 * stride + digit[j + 2]]++;
+        hist4[3 * stride + digit[j + 3]]++;
+      }
+      for (; j < m; ++j) hist4[digit[j]]++;
     }
-    for (; i < n; ++i) hist4[(abs_key(load(x, i)) >> shift) & digit_mask]++;
     return;
   }
   // Later digits count only the elements under the chosen prefix (a small fraction):
