@@ -13,8 +13,8 @@ Ops (rows ``op``):
   salun_reset             theta <- m theta + (1 - m) theta_orig
 Each row: median time, IQR, peak memory (RSS above the inputs on CPU; also as a fraction
 of the weights' size), ratio to eager in the same run, and the roofline floor: the bytes the fused algorithm must move (its passes)
-over a measured streaming bandwidth (``stream_bandwidth``: b += a on 512 MiB, 3 x 4 bytes
-per element; torch's copy_ under-reports it on CPUs that read the destination first).
+over a measured streaming bandwidth (``stream_bandwidth``: b += a on 512 MiB (128 with
+--quick), 3 x 4 bytes per element; torch's copy_ under-reports it on CPUs that read the destination first).
 For the top-k, the floor is one read of the scores (any selection needs it), so the
 fraction shows what the radix passes cost.
 
@@ -41,7 +41,7 @@ DESCRIPTION = "saliency: Fisher accumulation, masks, global top-k, gradient tran
 
 LAYERS = 32
 # (hidden, intermediate): LLaMA-7B is (4096, 11008); full: /5 (257M weights, 1.03 GB per
-# fp32 list); quick: ~10M weights.
+# fp32 list), float32 and bfloat16; quick: ~10M weights, float32 (--dtypes to change).
 FULL_DIMS = (816, 2200)
 QUICK_DIMS = (160, 432)
 MAX_NORM = 1.0
@@ -59,10 +59,11 @@ def model_shapes(hidden: int, intermediate: int, layers: int = LAYERS) -> List[t
 _STREAM_BW: Dict[str, float] = {}
 
 
-def stream_bandwidth(device: str) -> float:
-    """Bytes/s of an in-place add over 512 MiB (reads a and b, writes b)."""
+def stream_bandwidth(device: str, mib: int = 512) -> float:
+    """Bytes/s of an in-place add over ``mib`` MiB per array (reads a and b, writes b);
+    measured once per device."""
     if device not in _STREAM_BW:
-        n = 1 << 27
+        n = mib * 2**20 // 4
         a = torch.rand(n, device=device)
         b = torch.rand(n, device=device)
         times = time_fn(lambda: b.add_(a), device, warmup=2, reps=7)
@@ -254,12 +255,13 @@ def run(args, recorder) -> None:
     shapes = model_shapes(hidden, inter)
     n = sum(math.prod(s) for s in shapes)
     reps = 2 if args.quick else 5
-    bandwidth = stream_bandwidth(device)
-    recorder.add("bandwidth", "stream_add", "b+=a", "512MiB", "float32", device, "bandwidth_gbps", bandwidth / 1e9)
+    mib = 128 if args.quick else 512  # both well above the last-level cache
+    bandwidth = stream_bandwidth(device, mib)
+    recorder.add("bandwidth", "stream_add", "b+=a", f"{mib}MiB", "float32", device, "bandwidth_gbps", bandwidth / 1e9)
     print(f"  {len(shapes)} tensors, {n / 1e6:.1f}M weights; streaming bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"providers {providers}", flush=True)
     shape = shape_str(tensors=len(shapes), weights=n, layers=LAYERS)
-    dtypes = bench_dtypes(args, default=("float32", "bfloat16"))
+    dtypes = bench_dtypes(args, default=("float32",) if args.quick else ("float32", "bfloat16"))
     # Phase 1, times; phase 2, peak memory.  The RSS sampler switches glibc to mmap for
     # every allocation of 64 KiB or more, which would slow the eager loops' temporaries in
     # any timing taken after it: so every timing comes first.
