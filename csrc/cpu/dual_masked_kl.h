@@ -53,7 +53,7 @@ constexpr int64_t kDmkBlock = 2048;
 
 // The exponential of the row kernels: the vectorisable polynomial in float, std::exp in double.
 #pragma omp declare simd notinbranch
-inline float dmk_exp(float x) { return fast_exp(x); }
+UF_ALWAYS_INLINE float dmk_exp(float x) { return fast_exp(x); }
 inline double dmk_exp(double x) { return std::exp(x); }
 
 // kv == nullptr means K_V = 1 everywhere.
