@@ -74,8 +74,9 @@ inline void store_row(const double* src, int64_t n, double* dst) {
 // on the benchmark VM that is ~400 ms for a 250 MB gradient, more than computing it.
 // Above 8 MiB the buffer is 2 MiB-aligned anonymous memory advised for transparent huge
 // pages (MADV_HUGEPAGE, honoured when THP is "madvise" or "always"): 512x fewer faults.
-// Same memory as at::empty; only where the kernel cannot give huge pages does it fall
-// back to at::empty.
+// The same resident memory as at::empty (where THP is off the advice is ignored and the
+// buffer has ordinary pages); at::empty when mmap fails or off Linux.  The tensor owns
+// the mapping (from_blob with an munmap deleter), so it cannot be resized in place.
 inline at::Tensor empty_for_full_write(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHuge = size_t(2) << 20;

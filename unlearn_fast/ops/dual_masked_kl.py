@@ -212,8 +212,8 @@ def dual_masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
     Returns:
         A float32 tensor (float64 for float64 logits), accumulated in float32 by the fused
-        backends for fp32/bf16/fp16 input (in float64 for float64 input).  Masks are applied after the softmax; p and q
-        are not renormalised.
+        backends for fp32/bf16/fp16 input (in float64 for float64 input).  Masks are
+        applied after the softmax; p and q are not renormalised.
     """
     V.check_tensor(student_logits, "student_logits", floating=True)
     V.check_tensor(teacher_logits, "teacher_logits", floating=True)
