@@ -3,8 +3,8 @@
 The same algorithm as the C++ CPU kernel (csrc/cpu/dual_masked_kl.h), one program per
 row, the vocabulary in blocks:
 
-forward   one streaming pass with online maxima ma = max(s/T), mb = max(t/T) and the
-          shifted accumulators
+forward   one streaming pass with online maxima ma = max(s/T), mb = max(t/T) (per block
+          scalars) and the shifted accumulators (per lane, summed after the loop)
               sa = sum e^(a-ma),  sb = sum e^(b-mb),  Ks = sum K_V e^(b-mb),
               W  = sum K_V e^(b-mb) ((b-mb) - (a-ma)),  E = sum K_V e^(b-mb) (b-mb),
           rescaled when a block raises a maximum (so logits of +-1e4 never cancel);
@@ -46,13 +46,16 @@ def _dmk_fwd_kernel(s_ptr, t_ptr, ks_ptr, kv_ptr, rows_ptr, stats_ptr, V, inv_t,
         # Masked rows run no iterations (a data-dependent trip count, no branch divergence).
         n_cols = tl.where(keep != 0.0, V, 0)
     cols0 = tl.arange(0, BLOCK)
+    # Scalar running maxima; per-lane accumulators, summed once after the loop, so a
+    # block costs two reductions (the maxima), not seven.
     ma = _NEG_BIG
     mb = _NEG_BIG
-    sa = 0.0
-    sb = 0.0
-    kept_sum = 0.0
-    w = 0.0
-    e = 0.0
+    zeros = tl.zeros([BLOCK], dtype=tl.float32)
+    sa = zeros
+    sb = zeros
+    kept_sum = zeros
+    w = zeros
+    e = zeros
     for start in range(0, n_cols, BLOCK):
         cols = start + cols0
         in_row = cols < V
@@ -60,19 +63,19 @@ def _dmk_fwd_kernel(s_ptr, t_ptr, ks_ptr, kv_ptr, rows_ptr, stats_ptr, V, inv_t,
         b = tl.load(t_row + cols, mask=in_row, other=0.0).to(tl.float32) * inv_t
         new_ma = tl.maximum(ma, tl.max(tl.where(in_row, a, _NEG_BIG), axis=0))
         new_mb = tl.maximum(mb, tl.max(tl.where(in_row, b, _NEG_BIG), axis=0))
-        # A rise of ma by d raises every (b - mb) - (a - ma) by d.
-        rise_a = new_ma - ma
-        sa = sa * tl.exp(-rise_a)
-        w = w + kept_sum * rise_a
-        # A rise of mb by d scales every e^(b - mb) by r = e^-d and lowers (b - mb) by d.
-        rise_b = new_mb - mb
-        r = tl.exp(-rise_b)
-        w = r * (w - kept_sum * rise_b)
-        e = r * (e - kept_sum * rise_b)
-        kept_sum = kept_sum * r
-        sb = sb * r
-        ma = new_ma
-        mb = new_mb
+        if new_ma > ma:  # a rise of ma by d raises every (b - mb) - (a - ma) by d
+            rise_a = new_ma - ma
+            sa = sa * tl.exp(-rise_a)
+            w = w + kept_sum * rise_a
+            ma = new_ma
+        if new_mb > mb:  # a rise of mb by d scales e^(b - mb) by e^-d and lowers (b - mb) by d
+            rise_b = new_mb - mb
+            r = tl.exp(-rise_b)
+            w = r * (w - kept_sum * rise_b)
+            e = r * (e - kept_sum * rise_b)
+            kept_sum = kept_sum * r
+            sb = sb * r
+            mb = new_mb
         da = a - ma
         db = b - mb
         ea = tl.where(in_row, tl.exp(da), 0.0)
@@ -81,11 +84,16 @@ def _dmk_fwd_kernel(s_ptr, t_ptr, ks_ptr, kv_ptr, rows_ptr, stats_ptr, V, inv_t,
             keb = tl.load(kv_ptr + cols, mask=in_row, other=0.0) * eb
         else:
             keb = eb
-        sa += tl.sum(ea, axis=0)
-        sb += tl.sum(eb, axis=0)
-        kept_sum += tl.sum(keb, axis=0)
-        w += tl.sum(keb * (db - da), axis=0)
-        e += tl.sum(keb * db, axis=0)
+        sa += ea
+        sb += eb
+        kept_sum += keb
+        w += keb * (db - da)
+        e += keb * db
+    sa = tl.sum(sa, axis=0)
+    sb = tl.sum(sb, axis=0)
+    kept_sum = tl.sum(kept_sum, axis=0)
+    w = tl.sum(w, axis=0)
+    e = tl.sum(e, axis=0)
     live = n_cols > 0
     sa = tl.where(live, sa, 1.0)  # masked rows: log 1 = 0, no 0/0
     sb = tl.where(live, sb, 1.0)
