@@ -43,6 +43,14 @@ inline void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Ten
 
 inline at::Tensor empty_f32(const at::Tensor& like) { return at::empty({0}, like.options().dtype(at::kFloat)); }
 
+// (x, y) as a float32 (2,) tensor made on the device itself (fills, no host-to-device copy).
+inline at::Tensor two_floats(double x, double y, const at::TensorOptions& f) {
+  at::Tensor out = at::empty({2}, f);
+  out.narrow(0, 0, 1).fill_(x);
+  out.narrow(0, 1, 1).fill_(y);
+  return out;
+}
+
 // out = alpha * x @ y^T  (out: a (n, Bt) panel buffer; beta = 0 ignores its old contents)
 inline void panel_product(at::Tensor& out, const at::Tensor& x, const at::Tensor& y, double alpha) {
   at::addmm_out(out, out, x, y.t(), /*beta=*/0.0, /*alpha=*/alpha);
@@ -77,9 +85,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_forwar
   at::Tensor col_state = cols ? Policy::new_col_state(bt, f) : at::Tensor();
   at::Tensor ga = grad_in_forward ? at::empty({bi, dim}, f) : empty_f32(a);
   at::Tensor gb = grad_in_forward ? at::zeros({bt, dim}, f) : empty_f32(a);
-  at::Tensor gw = at::tensor({static_cast<float>(w_row * inv_t), static_cast<float>(w_col * inv_t)},
-                             at::TensorOptions().dtype(at::kFloat)).to(a.device());
-  at::Tensor sbuf = at::zeros({R, bt}, f), rbuf = at::zeros({R, bt}, f);
+  at::Tensor gw = two_floats(w_row * inv_t, w_col * inv_t, f);
+  at::Tensor sbuf = at::empty({R, bt}, f), rbuf = at::empty({R, bt}, f);  // beta = 0 products overwrite
   for (int64_t i0 = 0; i0 < bi; i0 += R) {
     const int64_t n = std::min(R, bi - i0);
     at::Tensor sp = sbuf.narrow(0, 0, n), rp = rbuf.narrow(0, 0, n);
@@ -115,10 +122,8 @@ std::tuple<at::Tensor, at::Tensor> kl_backward(const at::Tensor& grad_loss, cons
   const int64_t R = std::max<int64_t>(1, std::min(block_rows, bi));
   at::Tensor ga = need_a ? at::empty({bi, dim}, f) : empty_f32(a);
   at::Tensor gb = need_b ? at::zeros({bt, dim}, f) : empty_f32(a);
-  at::Tensor gw = grad_loss.to(at::kFloat).reshape({1}) *
-                  at::tensor({static_cast<float>(w_row * inv_t), static_cast<float>(w_col * inv_t)},
-                             at::TensorOptions().dtype(at::kFloat)).to(a.device());
-  at::Tensor sbuf = at::zeros({R, bt}, f), rbuf = at::zeros({R, bt}, f);
+  at::Tensor gw = grad_loss.to(at::kFloat).reshape({1}) * two_floats(w_row * inv_t, w_col * inv_t, f);
+  at::Tensor sbuf = at::empty({R, bt}, f), rbuf = at::empty({R, bt}, f);  // beta = 0 products overwrite
   for (int64_t i0 = 0; i0 < bi && (need_a || need_b); i0 += R) {
     const int64_t n = std::min(R, bi - i0);
     at::Tensor sp = sbuf.narrow(0, 0, n), rp = rbuf.narrow(0, 0, n);
@@ -144,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sq_forward(const at::Tensor& a_in
   at::Tensor row_vals = at::zeros({bi}, f);
   at::Tensor ga = want_grad ? at::empty({bi, dim}, f) : empty_f32(a);
   at::Tensor gb = want_grad ? at::zeros({bt, dim}, f) : empty_f32(a);
-  at::Tensor ebuf = at::zeros({R, bt}, f);
+  at::Tensor ebuf = at::empty({R, bt}, f);
   for (int64_t i0 = 0; i0 < bi; i0 += R) {
     const int64_t n = std::min(R, bi - i0);
     at::Tensor ep = ebuf.narrow(0, 0, n);
