@@ -157,8 +157,11 @@ def decoupling_backward(grad, s0, r0, s1, r1, s2, r2, cosine: bool, need0: bool,
 # ======================================================================================
 @triton.jit
 def _tile_products(x_ptr, y_ptr, xr_ptr, yr_ptr, rows, row_ok, cols, col_ok, K,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(x[rows] . y[cols], xr[rows] . yr[cols]) as float32 (BLOCK_M, BLOCK_N) tiles."""
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """(x[rows] . y[cols], xr[rows] . yr[cols]) as float32 (BLOCK_M, BLOCK_N) tiles.
+
+    bf16/fp16 tiles go to tl.dot as they are (exact products, float32 accumulation); UPCAST
+    converts them to float32 first, for the interpreter, whose bf16 tl.dot is wrong (triton 3.9)."""
     s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -170,16 +173,19 @@ def _tile_products(x_ptr, y_ptr, xr_ptr, yr_ptr, rows, row_ok, cols, col_ok, K,
         y_mask = col_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
         y = tl.load(y_ptr + y_offs, mask=y_mask, other=0.0)
-        s += tl.dot(x, tl.trans(y), input_precision="ieee")
         xr = tl.load(xr_ptr + x_offs, mask=x_mask, other=0.0)
         yr = tl.load(yr_ptr + y_offs, mask=y_mask, other=0.0)
+        if UPCAST:
+            x, y, xr, yr = x.to(tl.float32), y.to(tl.float32), xr.to(tl.float32), yr.to(tl.float32)
+        s += tl.dot(x, tl.trans(y), input_precision="ieee")
         r += tl.dot(xr, tl.trans(yr), input_precision="ieee")
     return s, r
 
 
 @triton.jit
 def _sim_rows_fwd_kernel(x_ptr, y_ptr, xr_ptr, yr_ptr, stats_ptr, vals_ptr, M, N, K, inv_t,
-                         MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -191,22 +197,23 @@ def _sim_rows_fwd_kernel(x_ptr, y_ptr, xr_ptr, yr_ptr, stats_ptr, vals_ptr, M, N
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
-        s, r = _tile_products(x_ptr, y_ptr, xr_ptr, yr_ptr, rows, row_ok, cols, col_ok, K, BLOCK_M, BLOCK_N, BLOCK_K)
+        s, r = _tile_products(x_ptr, y_ptr, xr_ptr, yr_ptr, rows, row_ok, cols, col_ok, K, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
         if MODE == 0:
-            s = tl.where(col_ok[None, :], s * inv_t, float("-inf"))
-            r = tl.where(col_ok[None, :], r * inv_t, float("-inf"))
-            new_ms = tl.maximum(ms, tl.max(s, axis=1))
-            new_mr = tl.maximum(mr, tl.max(r, axis=1))
+            s = s * inv_t  # 0 at padded columns, which the masks below leave out
+            r = r * inv_t
+            new_ms = tl.maximum(ms, tl.max(tl.where(col_ok[None, :], s, float("-inf")), axis=1))
+            new_mr = tl.maximum(mr, tl.max(tl.where(col_ok[None, :], r, float("-inf")), axis=1))
             ds = s - new_ms[:, None]
             dr = r - new_mr[:, None]
-            er = tl.exp(dr)  # 0 at padded columns
-            diff = tl.where(col_ok[None, :], dr - ds, 0.0)
+            es = tl.where(col_ok[None, :], tl.exp(ds), 0.0)
+            er = tl.where(col_ok[None, :], tl.exp(dr), 0.0)
+            diff = dr - ds
             # move the running W to the new maxima (an empty state, sr = 0, has no W)
             shift = tl.where(sr > 0, mr - new_mr, 0.0) - tl.where(sr > 0, ms - new_ms, 0.0)
             fr = tl.exp(mr - new_mr)
             w = fr * (w + sr * shift) + tl.sum(er * diff, axis=1)
             sr = fr * sr + tl.sum(er, axis=1)
-            ss = tl.exp(ms - new_ms) * ss + tl.sum(tl.exp(ds), axis=1)
+            ss = tl.exp(ms - new_ms) * ss + tl.sum(es, axis=1)
             ms = new_ms
             mr = new_mr
         else:
@@ -227,7 +234,7 @@ def _sim_rows_fwd_kernel(x_ptr, y_ptr, xr_ptr, yr_ptr, stats_ptr, vals_ptr, M, N
 @triton.jit
 def _sim_grad_kernel(x_ptr, y_ptr, xr_ptr, yr_ptr, row_stats_ptr, col_stats_ptr, gw_ptr, out_ptr, M, N, K, inv_t,
                      MODE: tl.constexpr, USE_ROWS: tl.constexpr, USE_COLS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DOUT: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DOUT: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -245,7 +252,7 @@ def _sim_grad_kernel(x_ptr, y_ptr, xr_ptr, yr_ptr, row_stats_ptr, col_stats_ptr,
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
-        s, r = _tile_products(x_ptr, y_ptr, xr_ptr, yr_ptr, rows, row_ok, cols, col_ok, K, BLOCK_M, BLOCK_N, BLOCK_K)
+        s, r = _tile_products(x_ptr, y_ptr, xr_ptr, yr_ptr, rows, row_ok, cols, col_ok, K, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
         valid = row_ok[:, None] & col_ok[None, :]
         if MODE == 0:
             s = s * inv_t
@@ -270,8 +277,8 @@ def _sim_grad_kernel(x_ptr, y_ptr, xr_ptr, yr_ptr, row_stats_ptr, col_stats_ptr,
 
 def _sim_blocks(K: int):
     if triton_interpret():  # the interpreter runs each program in numpy: few, small programs
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32), 32
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), min(128, triton.next_power_of_2(max(K, 16)))
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, UPCAST=True), 32
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, UPCAST=False), min(128, triton.next_power_of_2(max(K, 16)))
 
 
 def _row_pass(x, y, xr, yr, inv_t: float, mode: int):
