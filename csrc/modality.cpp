@@ -5,8 +5,9 @@
 //     work items are blocks of rows of all three pairs together, so a small pair does not
 //     leave threads idle.  Forward: per pair, the sum of (s - r)^2 over elements or of
 //     1 - cos over rows (float32 rows, double block partials summed in a fixed order:
-//     deterministic for any thread count).  Backward: the gradient rows, scaled by the
-//     incoming per-pair gradient, in the student's dtype.
+//     deterministic for any thread count), times the pair's scale (1 / count for a mean),
+//     and the weighted total: (4,) = (L_MD, L_multi, L_uni, total).  Backward: the
+//     gradient rows, scaled by (grad[k] + weight[k] grad[3]) scale[k], in the student's dtype.
 // torch.ops.unlearn_fast_cpu.similarity_{kl,sqdiff,gram}_*
 //     The panel drivers of csrc/modality_panels.h with the CPU passes below (OpenMP via
 //     at::parallel_for, `omp simd` rows).
@@ -49,7 +50,7 @@ void check_pairs(const at::Tensor* s, const at::Tensor* r, const char* fn) {
 }
 
 template <typename scalar_t>
-void md_forward_impl(const at::Tensor* s, const at::Tensor* r, bool cosine, at::Tensor& sums) {
+void md_forward_impl(const at::Tensor* s, const at::Tensor* r, bool cosine, double* total) {
   const bool all[3] = {true, true, true};
   const std::vector<WorkItem> items = work_items(s, all);
   std::vector<double> partial(items.size(), 0.0);
@@ -73,19 +74,32 @@ void md_forward_impl(const at::Tensor* s, const at::Tensor* r, bool cosine, at::
       partial[it] = acc;
     }
   });
-  double total[3] = {0.0, 0.0, 0.0};
   for (size_t it = 0; it < items.size(); ++it) total[items[it].pair] += partial[it];
-  float* out = sums.data_ptr<float>();
-  for (int k = 0; k < 3; ++k) out[k] = static_cast<float>(total[k]);
 }
 
+void check_coefficients(at::ArrayRef<double> scales, at::ArrayRef<double> weights, const char* fn) {
+  TORCH_CHECK(scales.size() == 3 && weights.size() == 3, fn, ": expected three scales and three weights");
+}
+
+// (L_MD, L_multi, L_uni, weighted total): term k = scales[k] * (pair k's sum)
 at::Tensor md_fwd_cpu(const at::Tensor& s0, const at::Tensor& r0, const at::Tensor& s1, const at::Tensor& r1,
-                      const at::Tensor& s2, const at::Tensor& r2, bool cosine) {
+                      const at::Tensor& s2, const at::Tensor& r2, bool cosine, at::ArrayRef<double> scales,
+                      at::ArrayRef<double> weights) {
   const at::Tensor s[3] = {s0, s1, s2}, r[3] = {r0, r1, r2};
   check_pairs(s, r, "modality_decoupling_fwd");
-  at::Tensor sums = at::zeros({3}, s0.options().dtype(at::kFloat));
+  check_coefficients(scales, weights, "modality_decoupling_fwd");
+  double sums[3] = {0.0, 0.0, 0.0};
   UF_DISPATCH_FLOAT(s0.scalar_type(), "modality_decoupling_fwd", [&] { md_forward_impl<scalar_t>(s, r, cosine, sums); });
-  return sums;
+  at::Tensor out = at::empty({4}, s0.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  double total = 0.0;
+  for (int k = 0; k < 3; ++k) {
+    const double term = scales[k] * sums[k];
+    o[k] = static_cast<float>(term);
+    total += weights[k] * term;
+  }
+  o[3] = static_cast<float>(total);
+  return out;
 }
 
 template <typename scalar_t>
@@ -121,20 +135,26 @@ void md_backward_impl(const float* go, const at::Tensor* s, const at::Tensor* r,
   });
 }
 
+// Gradient rows of pair k scaled by (grad[k] + weights[k] grad[3]) scales[k].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> md_bwd_cpu(const at::Tensor& grad, const at::Tensor& s0,
                                                           const at::Tensor& r0, const at::Tensor& s1,
                                                           const at::Tensor& r1, const at::Tensor& s2,
-                                                          const at::Tensor& r2, bool cosine, bool need0, bool need1,
-                                                          bool need2) {
+                                                          const at::Tensor& r2, bool cosine,
+                                                          at::ArrayRef<double> scales, at::ArrayRef<double> weights,
+                                                          bool need0, bool need1, bool need2) {
   const at::Tensor s[3] = {s0, s1, s2}, r[3] = {r0, r1, r2};
   check_pairs(s, r, "modality_decoupling_bwd");
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == 3,
-              "modality_decoupling_bwd: grad must be contiguous float32 (3,)");
+  check_coefficients(scales, weights, "modality_decoupling_bwd");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == 4 && grad.device().is_cpu(),
+              "modality_decoupling_bwd: grad must be a contiguous float32 (4,) CPU tensor");
+  const float* g = grad.data_ptr<float>();
+  float go[3];
+  for (int k = 0; k < 3; ++k) go[k] = static_cast<float>((g[k] + weights[k] * g[3]) * scales[k]);
   const bool need[3] = {need0, need1, need2};
   at::Tensor grads[3];
   for (int k = 0; k < 3; ++k) grads[k] = need[k] ? at::empty_like(s[k]) : at::empty({0}, s[k].options());
   UF_DISPATCH_FLOAT(s0.scalar_type(), "modality_decoupling_bwd",
-                    [&] { md_backward_impl<scalar_t>(grad.data_ptr<float>(), s, r, cosine, need, grads); });
+                    [&] { md_backward_impl<scalar_t>(go, s, r, cosine, need, grads); });
   return {grads[0], grads[1], grads[2]};
 }
 
@@ -274,11 +294,11 @@ std::tuple<at::Tensor, at::Tensor> gram_bwd_cpu(const at::Tensor& grad, const at
 }  // namespace uf
 
 TORCH_LIBRARY_FRAGMENT(unlearn_fast_cpu, m) {
-  m.def("modality_decoupling_fwd(Tensor s0, Tensor r0, Tensor s1, Tensor r1, Tensor s2, Tensor r2, bool cosine) "
-        "-> Tensor",
+  m.def("modality_decoupling_fwd(Tensor s0, Tensor r0, Tensor s1, Tensor r1, Tensor s2, Tensor r2, bool cosine, "
+        "float[] scales, float[] weights) -> Tensor",
         &uf::md_fwd_cpu);
   m.def("modality_decoupling_bwd(Tensor grad, Tensor s0, Tensor r0, Tensor s1, Tensor r1, Tensor s2, Tensor r2, "
-        "bool cosine, bool need0, bool need1, bool need2) -> (Tensor, Tensor, Tensor)",
+        "bool cosine, float[] scales, float[] weights, bool need0, bool need1, bool need2) -> (Tensor, Tensor, Tensor)",
         &uf::md_bwd_cpu);
   m.def("similarity_kl_fwd(Tensor a, Tensor b, Tensor c, Tensor d, float inv_t, float w_row, float w_col, "
         "int block_rows, bool grad_in_forward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",

@@ -108,15 +108,43 @@ __global__ void __launch_bounds__(kThreads) md_fwd_kernel(EmbeddingPairs pairs, 
   }
 }
 
+// One block: out[k] = scale[k] * sum_b partial[k, b] (in double, fixed order), out[3] = weighted total.
+__global__ void md_finalize_kernel(const float* __restrict__ partial, int64_t num_blocks, Coefficients coef,
+                                   float* __restrict__ out) {
+  __shared__ double sh[kThreads];
+  double terms[3];
+  for (int k = 0; k < 3; ++k) {
+    double acc = 0.0;
+    for (int64_t b = threadIdx.x; b < num_blocks; b += kThreads) acc += partial[k * num_blocks + b];
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+      if (threadIdx.x < stride) sh[threadIdx.x] += sh[threadIdx.x + stride];
+      __syncthreads();
+    }
+    terms[k] = coef.scale[k] * sh[0];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int k = 0; k < 3; ++k) {
+      out[k] = static_cast<float>(terms[k]);
+      total += coef.weight[k] * terms[k];
+    }
+    out[3] = static_cast<float>(total);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) md_bwd_kernel(const float* __restrict__ grad, EmbeddingPairs pairs,
-                                                          bool cosine) {
-  const EmbeddingPair p = pairs.pair[blockIdx.y];
+                                                          bool cosine, Coefficients coef) {
+  const int k = blockIdx.y;
+  const EmbeddingPair p = pairs.pair[k];
   if (p.grad == nullptr) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (row >= p.rows) return;  // whole warps leave together: no block-level sync below
-  const float go = grad[blockIdx.y];
+  const float go = (grad[k] + coef.weight[k] * grad[3]) * coef.scale[k];
   const T* s = static_cast<const T*>(p.student) + row * p.dim;
   const T* r = static_cast<const T*>(p.reference) + row * p.dim;
   T* g = static_cast<T*>(p.grad) + row * p.dim;
@@ -323,21 +351,25 @@ int64_t decoupling_num_blocks(const EmbeddingPairs& pairs) {
   return blocks;
 }
 
-cudaError_t decoupling_forward(const EmbeddingPairs& pairs, DType dtype, bool cosine, float* partial,
-                               cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(decoupling_num_blocks(pairs)), 3);
-  return dispatch(dtype, [&](auto tag) {
+cudaError_t decoupling_forward(const EmbeddingPairs& pairs, DType dtype, bool cosine, Coefficients coef,
+                               float* partial, float* out, cudaStream_t stream) {
+  const int64_t num_blocks = decoupling_num_blocks(pairs);
+  const dim3 grid(static_cast<unsigned>(num_blocks), 3);
+  const cudaError_t err = dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     md_fwd_kernel<T><<<grid, kThreads, 0, stream>>>(pairs, cosine, partial);
   });
+  if (err != cudaSuccess) return err;
+  md_finalize_kernel<<<1, kThreads, 0, stream>>>(partial, num_blocks, coef, out);
+  return cudaGetLastError();
 }
 
 cudaError_t decoupling_backward(const float* grad, const EmbeddingPairs& pairs, DType dtype, bool cosine,
-                                cudaStream_t stream) {
+                                Coefficients coef, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(decoupling_num_blocks(pairs)), 3);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    md_bwd_kernel<T><<<grid, kThreads, 0, stream>>>(grad, pairs, cosine);
+    md_bwd_kernel<T><<<grid, kThreads, 0, stream>>>(grad, pairs, cosine, coef);
   });
 }
 

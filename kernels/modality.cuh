@@ -3,9 +3,9 @@
 //
 // * decoupling_{forward,backward}: three (student, reference) pairs of (rows, dim)
 //   embeddings in ONE launch, grid (blocks, 3).  Forward: partial[k * num_blocks + b] =
-//   sum over block b's rows of pair k of sum (s - r)^2, or of 1 - cos(s, r); the caller sums
-//   each row of `partial` (fixed order: deterministic).  Backward: gradient rows
-//   grad[k] * d/ds, stored in the embeddings' dtype.
+//   sum over block b's rows of pair k of sum (s - r)^2, or of 1 - cos(s, r), then one small
+//   block sums each pair's partials in a fixed order (deterministic) and applies the means
+//   and weights.  Backward: gradient rows, stored in the embeddings' dtype.
 // * similarity panels (the CUDA policy of csrc/modality_panels.h): fused passes over a
 //   float32 (n, bt) panel of S = a b^T / T and R = c d^T / T made by cuBLAS:
 //     sim_kl_rows         whole rows: KL(softmax(r) || softmax(s)) and (max, log-sum) of s and r
@@ -37,15 +37,23 @@ struct EmbeddingPairs {
   EmbeddingPair pair[3];
 };
 
+// term k = scale[k] * (pair k's sum); total = sum_k weight[k] * term k.
+struct Coefficients {
+  float scale[3];
+  float weight[3];
+};
+
 // Blocks per pair (grid.x) used by both launchers: the partial buffer has 3 x this many floats.
 int64_t decoupling_num_blocks(const EmbeddingPairs& pairs);
 
-cudaError_t decoupling_forward(const EmbeddingPairs& pairs, DType dtype, bool cosine, float* partial,
-                               cudaStream_t stream);
+// out: 4 floats (L_MD, L_multi, L_uni, total); partial: 3 x decoupling_num_blocks scratch.
+cudaError_t decoupling_forward(const EmbeddingPairs& pairs, DType dtype, bool cosine, Coefficients coef,
+                               float* partial, float* out, cudaStream_t stream);
 
-// grad: 3 float32 values in device memory (one per pair).  Pairs with grad == nullptr are skipped.
+// grad: 4 float32 values in device memory (the gradient of `out`); pair k's rows are scaled
+// by (grad[k] + weight[k] grad[3]) scale[k].  Pairs with grad == nullptr are skipped.
 cudaError_t decoupling_backward(const float* grad, const EmbeddingPairs& pairs, DType dtype, bool cosine,
-                                cudaStream_t stream);
+                                Coefficients coef, cudaStream_t stream);
 
 // row_stats: (4, ld_stats); rows row0 .. row0 + n - 1 are written, and row_kl[row0 + i].
 cudaError_t sim_kl_rows(const float* s, const float* r, int64_t n, int64_t bt, float* row_stats, int64_t ld_stats,

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            if exc.name != module and not module.startswith(f"{exc.name}."):  # the module or its package
                 raise
             p.set_defaults(func=lambda a, n=name: _not_ready(n))
             continue

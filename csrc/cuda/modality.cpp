@@ -50,27 +50,44 @@ mk::EmbeddingPairs make_pairs(const at::Tensor* s, const at::Tensor* r, const ch
   return pairs;
 }
 
+mk::Coefficients coefficients(at::ArrayRef<double> scales, at::ArrayRef<double> weights, const char* fn) {
+  TORCH_CHECK(scales.size() == 3 && weights.size() == 3, fn, ": expected three scales and three weights");
+  mk::Coefficients coef{};
+  for (int k = 0; k < 3; ++k) {
+    coef.scale[k] = static_cast<float>(scales[k]);
+    coef.weight[k] = static_cast<float>(weights[k]);
+  }
+  return coef;
+}
+
+// (L_MD, L_multi, L_uni, weighted total)
 at::Tensor md_fwd_cuda(const at::Tensor& s0, const at::Tensor& r0, const at::Tensor& s1, const at::Tensor& r1,
-                       const at::Tensor& s2, const at::Tensor& r2, bool cosine) {
+                       const at::Tensor& s2, const at::Tensor& r2, bool cosine, at::ArrayRef<double> scales,
+                       at::ArrayRef<double> weights) {
   const char* fn = "modality_decoupling_fwd";
   c10::cuda::CUDAGuard guard(s0.device());
   const at::Tensor s[3] = {s0, s1, s2}, r[3] = {r0, r1, r2};
   const mk::EmbeddingPairs pairs = make_pairs(s, r, fn);
-  at::Tensor partial = at::empty({3, mk::decoupling_num_blocks(pairs)}, s0.options().dtype(at::kFloat));
-  check_cuda(mk::decoupling_forward(pairs, dtype_of(s0, fn), cosine, partial.data_ptr<float>(), stream()), fn);
-  return partial.sum(1);
+  const auto f = s0.options().dtype(at::kFloat);
+  at::Tensor partial = at::empty({3, mk::decoupling_num_blocks(pairs)}, f);
+  at::Tensor out = at::empty({4}, f);
+  check_cuda(mk::decoupling_forward(pairs, dtype_of(s0, fn), cosine, coefficients(scales, weights, fn),
+                                    partial.data_ptr<float>(), out.data_ptr<float>(), stream()),
+             fn);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> md_bwd_cuda(const at::Tensor& grad, const at::Tensor& s0,
                                                            const at::Tensor& r0, const at::Tensor& s1,
                                                            const at::Tensor& r1, const at::Tensor& s2,
-                                                           const at::Tensor& r2, bool cosine, bool need0, bool need1,
-                                                           bool need2) {
+                                                           const at::Tensor& r2, bool cosine,
+                                                           at::ArrayRef<double> scales, at::ArrayRef<double> weights,
+                                                           bool need0, bool need1, bool need2) {
   const char* fn = "modality_decoupling_bwd";
   c10::cuda::CUDAGuard guard(s0.device());
   const at::Tensor s[3] = {s0, s1, s2}, r[3] = {r0, r1, r2};
-  TORCH_CHECK(grad.is_cuda() && grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == 3, fn,
-              ": grad must be a contiguous float32 (3,) CUDA tensor");
+  TORCH_CHECK(grad.is_cuda() && grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.numel() == 4, fn,
+              ": grad must be a contiguous float32 (4,) CUDA tensor");
   mk::EmbeddingPairs pairs = make_pairs(s, r, fn);
   const bool need[3] = {need0, need1, need2};
   at::Tensor grads[3];
@@ -78,7 +95,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> md_bwd_cuda(const at::Tensor& gra
     grads[k] = need[k] ? at::empty_like(s[k]) : at::empty({0}, s[k].options());
     pairs.pair[k].grad = need[k] && grads[k].numel() ? grads[k].data_ptr() : nullptr;
   }
-  check_cuda(mk::decoupling_backward(grad.data_ptr<float>(), pairs, dtype_of(s0, fn), cosine, stream()), fn);
+  check_cuda(mk::decoupling_backward(grad.data_ptr<float>(), pairs, dtype_of(s0, fn), cosine,
+                                     coefficients(scales, weights, fn), stream()),
+             fn);
   return {grads[0], grads[1], grads[2]};
 }
 
@@ -176,11 +195,11 @@ std::tuple<at::Tensor, at::Tensor> gram_bwd_cuda(const at::Tensor& grad, const a
 }  // namespace uf
 
 TORCH_LIBRARY_FRAGMENT(unlearn_fast_cuda, m) {
-  m.def("modality_decoupling_fwd(Tensor s0, Tensor r0, Tensor s1, Tensor r1, Tensor s2, Tensor r2, bool cosine) "
-        "-> Tensor",
+  m.def("modality_decoupling_fwd(Tensor s0, Tensor r0, Tensor s1, Tensor r1, Tensor s2, Tensor r2, bool cosine, "
+        "float[] scales, float[] weights) -> Tensor",
         &uf::md_fwd_cuda);
   m.def("modality_decoupling_bwd(Tensor grad, Tensor s0, Tensor r0, Tensor s1, Tensor r1, Tensor s2, Tensor r2, "
-        "bool cosine, bool need0, bool need1, bool need2) -> (Tensor, Tensor, Tensor)",
+        "bool cosine, float[] scales, float[] weights, bool need0, bool need1, bool need2) -> (Tensor, Tensor, Tensor)",
         &uf::md_bwd_cuda);
   m.def("similarity_kl_fwd(Tensor a, Tensor b, Tensor c, Tensor d, float inv_t, float w_row, float w_col, "
         "int block_rows, bool grad_in_forward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",

@@ -33,7 +33,7 @@ backends accumulate in float32 whatever the input dtype; float64 runs on the eag
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -171,44 +171,48 @@ def _empty_f32(like: torch.Tensor) -> torch.Tensor:
 # ---- modality decoupling: three (student, reference) pairs in one pass --------------------
 @torch.library.custom_op("unlearn_fast::modality_decoupling_fwd", mutates_args=())
 def _md_fwd(s0: torch.Tensor, r0: torch.Tensor, s1: torch.Tensor, r1: torch.Tensor, s2: torch.Tensor,
-            r2: torch.Tensor, cosine: bool, backend: str) -> torch.Tensor:
-    """(3,) float32: per pair, sum over elements of (s - r)^2, or sum over rows of 1 - cos."""
-    return _impl(OP_DECOUPLING, backend).forward(s0, r0, s1, r1, s2, r2, cosine)
+            r2: torch.Tensor, cosine: bool, scales: List[float], weights: List[float], backend: str) -> torch.Tensor:
+    """(4,) float32: the three terms  scales[k] * (sum over elements of (s - r)^2, or over rows of
+    1 - cos)  and their weighted sum  sum_k weights[k] * term_k."""
+    return _impl(OP_DECOUPLING, backend).forward(s0, r0, s1, r1, s2, r2, cosine, scales, weights)
 
 
 @_md_fwd.register_fake
-def _(s0, r0, s1, r1, s2, r2, cosine, backend):
-    return s0.new_empty((3,), dtype=torch.float32)
+def _(s0, r0, s1, r1, s2, r2, cosine, scales, weights, backend):
+    return s0.new_empty((4,), dtype=torch.float32)
 
 
 @torch.library.custom_op("unlearn_fast::modality_decoupling_bwd", mutates_args=())
-def _md_bwd(grad_sums: torch.Tensor, s0: torch.Tensor, r0: torch.Tensor, s1: torch.Tensor, r1: torch.Tensor,
-            s2: torch.Tensor, r2: torch.Tensor, cosine: bool, need0: bool, need1: bool, need2: bool,
-            backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of sum_k grad_sums[k] * sums[k] w.r.t. s0, s1, s2 (input dtype; (0,) when not needed)."""
-    return _impl(OP_DECOUPLING, backend).backward(grad_sums, s0, r0, s1, r1, s2, r2, cosine, need0, need1, need2)
+def _md_bwd(grad: torch.Tensor, s0: torch.Tensor, r0: torch.Tensor, s1: torch.Tensor, r1: torch.Tensor,
+            s2: torch.Tensor, r2: torch.Tensor, cosine: bool, scales: List[float], weights: List[float], need0: bool,
+            need1: bool, need2: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. s0, s1, s2 of  grad . forward  (input dtype; (0,) when not needed): pair k's
+    rows are scaled by (grad[k] + weights[k] grad[3]) scales[k]."""
+    return _impl(OP_DECOUPLING, backend).backward(grad, s0, r0, s1, r1, s2, r2, cosine, scales, weights, need0,
+                                                  need1, need2)
 
 
 @_md_bwd.register_fake
-def _(grad_sums, s0, r0, s1, r1, s2, r2, cosine, need0, need1, need2, backend):
+def _(grad, s0, r0, s1, r1, s2, r2, cosine, scales, weights, need0, need1, need2, backend):
     return tuple(torch.empty_like(s) if need else s.new_empty((0,))
                  for s, need in ((s0, need0), (s1, need1), (s2, need2)))
 
 
 def _md_setup(ctx, inputs, output):
-    s0, r0, s1, r1, s2, r2, cosine, backend = inputs
+    s0, r0, s1, r1, s2, r2, cosine, scales, weights, backend = inputs
     ctx.save_for_backward(s0, r0, s1, r1, s2, r2)
-    ctx.cosine, ctx.backend = cosine, backend
+    ctx.args = (cosine, scales, weights, backend)
 
 
-def _md_backward(ctx, grad_sums):
+def _md_backward(ctx, grad):
     s0, r0, s1, r1, s2, r2 = ctx.saved_tensors
+    cosine, scales, weights, backend = ctx.args
     need = ctx.needs_input_grad
-    if grad_sums is None or not (need[0] or need[2] or need[4]):
-        return (None,) * 8
-    g0, g1, g2 = _md_bwd(grad_sums.to(torch.float32).contiguous(), s0, r0, s1, r1, s2, r2, ctx.cosine,
-                         bool(need[0]), bool(need[2]), bool(need[4]), ctx.backend)
-    return (g0 if need[0] else None, None, g1 if need[2] else None, None, g2 if need[4] else None, None, None, None)
+    if grad is None or not (need[0] or need[2] or need[4]):
+        return (None,) * 10
+    g0, g1, g2 = _md_bwd(grad.to(torch.float32).contiguous(), s0, r0, s1, r1, s2, r2, cosine, scales, weights,
+                         bool(need[0]), bool(need[2]), bool(need[4]), backend)
+    return (g0 if need[0] else None, None, g1 if need[2] else None, None, g2 if need[4] else None) + (None,) * 5
 
 
 _md_fwd.register_autograd(_md_backward, setup_context=_md_setup)
@@ -496,22 +500,21 @@ def modality_decoupling_loss(student_forget_fused: torch.Tensor, reference_shuff
     if not isinstance(return_terms, bool):
         raise TypeError(f"return_terms must be a bool, got {type(return_terms).__name__}")
 
-    dev = student_forget_fused.device
-    name = _resolve(OP_DECOUPLING, backend, dev, student_forget_fused.dtype)
+    name = _resolve(OP_DECOUPLING, backend, student_forget_fused.device, student_forget_fused.dtype)
     pairs = [(tensors[k], tensors[k + 1]) for k in range(0, 6, 2)]
     if name == "eager":
         terms = reference_decoupling_terms(pairs, distance, reduction)
-    else:
+        total = w[0] * terms[0] + w[1] * terms[1] + w[2] * terms[2]
+    else:  # one fused pass returns (L_MD, L_multi, L_uni, weighted total)
         flat = []
         for s, r in pairs:
             flat += [s.reshape(-1, s.shape[-1]).contiguous(), r.detach().reshape(-1, r.shape[-1]).contiguous()]
-        sums = _md_fwd(*flat, distance == "cosine", name)
+        scales = [1.0] * 3
         if reduction == "mean":
             # elements (mse) or embeddings (cosine) per pair; an empty pair divides 0 by 1
-            counts = [max(1, s.numel() if distance == "mse" else s.numel() // s.shape[-1]) for s, _ in pairs]
-            sums = sums / torch.tensor(counts, dtype=torch.float32, device=dev)
-        terms = sums
-    total = w[0] * terms[0] + w[1] * terms[1] + w[2] * terms[2]
+            scales = [1.0 / max(1, s.numel() if distance == "mse" else s.numel() // s.shape[-1]) for s, _ in pairs]
+        out = _md_fwd(*flat, distance == "cosine", scales, list(w), name)
+        terms, total = out[:3], out[3]
     if return_terms:
         return total, {n: terms[i] for i, n in enumerate(TERM_NAMES)}
     return total

@@ -2,8 +2,9 @@
 
 Modality decoupling: one launch over the three (student, reference) pairs, grid
 (row blocks, 3); program (i, k) reduces rows [i BLOCK_R, (i + 1) BLOCK_R) of pair k into
-partial[k, i] (0 past the pair's end), and one small sum gives the three terms.  The
-backward writes the gradient rows of every pair that needs one in one launch.
+partial[k, i] (0 past the pair's end), and one single-program launch sums them in a fixed
+order and applies the means and weights.  The backward writes the gradient rows of every
+pair that needs one in one launch.
 
 Similarity matching, flash-attention style: a program owns BLOCK_M rows of S = x y^T / T and
 streams BLOCK_N columns at a time, each tile of S and R = xr yr^T / T formed with tl.dot over
@@ -72,18 +73,42 @@ def _md_fwd_kernel(s0, r0, n0, d0, s1, r1, n1, d1, s2, r2, n2, d2, partial_ptr, 
     tl.store(partial_ptr + pair * num_blocks + pid, tl.sum(val, axis=0))
 
 
+@triton.jit
+def _md_finalize_kernel(partial_ptr, num_blocks, out_ptr, sc0, sc1, sc2, w0, w1, w2, BLOCK: tl.constexpr):
+    """out = (sc_k * sum_b partial[k, b] for k < 3, sum_k w_k out[k]), summed in a fixed order."""
+    acc0 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for b0 in range(0, num_blocks, BLOCK):
+        idx = b0 + tl.arange(0, BLOCK)
+        ok = idx < num_blocks
+        acc0 += tl.load(partial_ptr + idx, mask=ok, other=0.0)
+        acc1 += tl.load(partial_ptr + num_blocks + idx, mask=ok, other=0.0)
+        acc2 += tl.load(partial_ptr + 2 * num_blocks + idx, mask=ok, other=0.0)
+    t0 = sc0 * tl.sum(acc0, axis=0)
+    t1 = sc1 * tl.sum(acc1, axis=0)
+    t2 = sc2 * tl.sum(acc2, axis=0)
+    tl.store(out_ptr, t0)
+    tl.store(out_ptr + 1, t1)
+    tl.store(out_ptr + 2, t2)
+    tl.store(out_ptr + 3, w0 * t0 + w1 * t1 + w2 * t2)
+
+
 @triton.jit(do_not_specialize=["n0", "d0", "n1", "d1", "n2", "d2"])
-def _md_bwd_kernel(go_ptr, s0, r0, g0, n0, d0, s1, r1, g1, n1, d1, s2, r2, g2, n2, d2,
+def _md_bwd_kernel(go_ptr, s0, r0, g0, n0, d0, s1, r1, g1, n1, d1, s2, r2, g2, n2, d2, sc0, sc1, sc2, w0, w1, w2,
                    COSINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     pair = tl.program_id(1)
+    go_total = tl.load(go_ptr + 3)
     if pair == 0:
         s_ptr, r_ptr, g_ptr, n, d = s0, r0, g0, n0.to(tl.int64), d0.to(tl.int64)
+        go = (tl.load(go_ptr) + w0 * go_total) * sc0
     elif pair == 1:
         s_ptr, r_ptr, g_ptr, n, d = s1, r1, g1, n1.to(tl.int64), d1.to(tl.int64)
+        go = (tl.load(go_ptr + 1) + w1 * go_total) * sc1
     else:
         s_ptr, r_ptr, g_ptr, n, d = s2, r2, g2, n2.to(tl.int64), d2.to(tl.int64)
-    go = tl.load(go_ptr + pair)
+        go = (tl.load(go_ptr + 2) + w2 * go_total) * sc2
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n
     a = tl.zeros([BLOCK_R], dtype=tl.float32)  # coefficient of r
@@ -126,19 +151,24 @@ def _md_blocks(d_max: int):
     return block_r, block_d
 
 
-def decoupling_forward(s0, r0, s1, r1, s2, r2, cosine: bool) -> torch.Tensor:
+def decoupling_forward(s0, r0, s1, r1, s2, r2, cosine: bool, scales, weights) -> torch.Tensor:
+    """(4,) float32: (L_MD, L_multi, L_uni, weighted total); term k = scales[k] * pair k's sum."""
     pairs = ((s0, r0), (s1, r1), (s2, r2))
     block_r, block_d = _md_blocks(max(s.shape[1] for s, _ in pairs))
     num_blocks = max(1, max(triton.cdiv(s.shape[0], block_r) for s, _ in pairs))
     partial = torch.empty((3, num_blocks), dtype=torch.float32, device=s0.device)
+    out = torch.empty(4, dtype=torch.float32, device=s0.device)
     args = []
     for s, r in pairs:
         args += [s, r, s.shape[0], s.shape[1]]
     _md_fwd_kernel[(num_blocks, 3)](*args, partial, num_blocks, COSINE=cosine, BLOCK_R=block_r, BLOCK_D=block_d)
-    return partial.sum(dim=1)
+    _md_finalize_kernel[(1,)](partial, num_blocks, out, *[float(v) for v in scales], *[float(v) for v in weights],
+                              BLOCK=min(1024, triton.next_power_of_2(num_blocks)))
+    return out
 
 
-def decoupling_backward(grad, s0, r0, s1, r1, s2, r2, cosine: bool, need0: bool, need1: bool, need2: bool):
+def decoupling_backward(grad, s0, r0, s1, r1, s2, r2, cosine: bool, scales, weights, need0: bool, need1: bool,
+                        need2: bool):
     pairs = ((s0, r0, need0), (s1, r1, need1), (s2, r2, need2))
     block_r, block_d = _md_blocks(max(s.shape[1] for s, _, _ in pairs))
     grads = [torch.empty_like(s) if need else s.new_empty((0,)) for s, _, need in pairs]
@@ -148,7 +178,8 @@ def decoupling_backward(grad, s0, r0, s1, r1, s2, r2, cosine: bool, need0: bool,
         args += [s, r, g if need else s, s.shape[0] if need else 0, s.shape[1]]
     num_blocks = max((triton.cdiv(s.shape[0], block_r) for s, _, need in pairs if need), default=1)
     num_blocks = max(1, num_blocks)
-    _md_bwd_kernel[(num_blocks, 3)](grad, *args, COSINE=cosine, BLOCK_R=block_r, BLOCK_D=block_d)
+    _md_bwd_kernel[(num_blocks, 3)](grad, *args, *[float(v) for v in scales], *[float(v) for v in weights],
+                                    COSINE=cosine, BLOCK_R=block_r, BLOCK_D=block_d)
     return tuple(grads)
 
 
