@@ -57,14 +57,15 @@ inline void panel_product(at::Tensor& out, const at::Tensor& x, const at::Tensor
 }
 
 // Gradient products of one panel G (n x Bt) for rows [i0, i0 + n): ga[i0:] = G @ b,
-// gb += G^T @ a[i0:], each scaled by alpha.
+// gb += G^T @ a[i0:] (the first panel, i0 = 0, initialises gb: no zero fill needed), each
+// scaled by alpha.
 inline void panel_gradients(const at::Tensor& g, const at::Tensor& a, const at::Tensor& b, int64_t i0, int64_t n,
                             at::Tensor& ga, at::Tensor& gb, double alpha) {
   if (ga.numel()) {
     at::Tensor out = ga.narrow(0, i0, n);
     at::addmm_out(out, out, g, b, 0.0, alpha);
   }
-  if (gb.numel()) gb.addmm_(g.t(), a.narrow(0, i0, n), 1.0, alpha);
+  if (gb.numel()) gb.addmm_(g.t(), a.narrow(0, i0, n), i0 == 0 ? 0.0 : 1.0, alpha);
 }
 
 template <class Policy>
@@ -80,11 +81,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_forwar
   TORCH_CHECK(!grad_in_forward || !cols || R >= bi,
               "similarity_kl_fwd: the gradient can be formed in the forward pass only with complete column "
               "statistics (one panel) or without the column direction");
-  at::Tensor row_stats = at::zeros({4, bi}, f), col_stats = at::zeros({4, bt}, f);
-  at::Tensor row_kl = at::zeros({bi}, f), col_kl = at::zeros({bt}, f);
+  // statistics of a direction that is not used are returned as zeros; the others are written whole
+  at::Tensor row_stats = rows ? at::empty({4, bi}, f) : at::zeros({4, bi}, f);
+  at::Tensor col_stats = cols ? at::empty({4, bt}, f) : at::zeros({4, bt}, f);
+  at::Tensor row_kl = rows ? at::empty({bi}, f) : at::zeros({bi}, f);
+  at::Tensor col_kl = cols ? at::empty({bt}, f) : at::zeros({bt}, f);
   at::Tensor col_state = cols ? Policy::new_col_state(bt, f) : at::Tensor();
   at::Tensor ga = grad_in_forward ? at::empty({bi, dim}, f) : empty_f32(a);
-  at::Tensor gb = grad_in_forward ? at::zeros({bt, dim}, f) : empty_f32(a);
+  at::Tensor gb = grad_in_forward ? at::empty({bt, dim}, f) : empty_f32(a);
   at::Tensor gw = two_floats(w_row * inv_t, w_col * inv_t, f);
   at::Tensor sbuf = at::empty({R, bt}, f), rbuf = at::empty({R, bt}, f);  // beta = 0 products overwrite
   for (int64_t i0 = 0; i0 < bi; i0 += R) {
@@ -121,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> kl_backward(const at::Tensor& grad_loss, cons
   const bool rows = w_row != 0.0, cols = w_col != 0.0;
   const int64_t R = std::max<int64_t>(1, std::min(block_rows, bi));
   at::Tensor ga = need_a ? at::empty({bi, dim}, f) : empty_f32(a);
-  at::Tensor gb = need_b ? at::zeros({bt, dim}, f) : empty_f32(a);
+  at::Tensor gb = need_b ? at::empty({bt, dim}, f) : empty_f32(a);
   at::Tensor gw = grad_loss.to(at::kFloat).reshape({1}) * two_floats(w_row * inv_t, w_col * inv_t, f);
   at::Tensor sbuf = at::empty({R, bt}, f), rbuf = at::empty({R, bt}, f);  // beta = 0 products overwrite
   for (int64_t i0 = 0; i0 < bi && (need_a || need_b); i0 += R) {
@@ -146,9 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sq_forward(const at::Tensor& a_in
   const int64_t bi = a.size(0), bt = b.size(0), dim = a.size(1);
   const auto f = a.options();
   const int64_t R = std::max<int64_t>(1, std::min(block_rows, bi));
-  at::Tensor row_vals = at::zeros({bi}, f);
+  at::Tensor row_vals = at::empty({bi}, f);
   at::Tensor ga = want_grad ? at::empty({bi, dim}, f) : empty_f32(a);
-  at::Tensor gb = want_grad ? at::zeros({bt, dim}, f) : empty_f32(a);
+  at::Tensor gb = want_grad ? at::empty({bt, dim}, f) : empty_f32(a);
   at::Tensor ebuf = at::empty({R, bt}, f);
   for (int64_t i0 = 0; i0 < bi; i0 += R) {
     const int64_t n = std::min(R, bi - i0);
