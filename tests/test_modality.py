@@ -414,3 +414,16 @@ def test_gpu_similarity_large_batch_runs_without_batch_squared_memory():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert torch.isfinite(out) and extra < 16384 * 16384 * 4  # less than one B x B float32 matrix
+
+
+@needs_cpp
+def test_auto_routes_tiny_cpu_batches_to_eager_and_larger_ones_to_cpp(monkeypatch):
+    calls = []
+    real = M.reference_similarity
+    monkeypatch.setattr(M, "reference_similarity", lambda *a: calls.append("eager") or real(*a))
+    small = _sim_inputs(16, 16, 8)
+    uf.similarity_matching_loss(*small, form="kl")
+    assert calls == ["eager"]
+    large = _sim_inputs(300, 300, 8)
+    uf.similarity_matching_loss(*large, form="kl")
+    assert calls == ["eager"]  # 300 x 300 > AUTO_EAGER_MAX_ELEMENTS: the fused path ran
