@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import os
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -103,21 +104,43 @@ def _step(fn, inputs, students, mode):
     return step
 
 
-def _measure(recorder, op, provider, mode, shape, dtype, device, step, reps, eager, floor, bd_bytes):
-    """Peak memory (first call, also the warm-up), then timed calls; returns (median, peak)."""
-    try:
-        peak = peak_memory(step, device)
-        synchronize(device)
-        times = time_fn(step, device, warmup=0, reps=reps, max_seconds=60.0)
-    except Exception as exc:  # e.g. out of memory: record and go on
-        print(f"  {provider} {mode} {shape} failed: {exc}")
-        return None
-    med = recorder.add_timing(op, provider, mode, shape, dtype, device, times, peak_bytes=peak,
-                              eager_median=eager[0] if eager else None, eager_peak=eager[1] if eager else None,
-                              floor_seconds=floor)
-    # the memory target is O(B D + D^2): peak in units of one (B, D) float32 tensor
-    recorder.add(op, provider, mode, shape, dtype, device, "peak_mem_in_BxD_tensors", peak / bd_bytes)
-    return med, peak
+def _measure_side_by_side(recorder, op, mode, shape, dtype, device, steps, reps, floor, bd_bytes):
+    """Time the providers' steps interleaved (one call of each per round), so load changes on a
+    shared machine hit every provider alike; the first call of each (also its warm-up) gives its
+    peak memory.  `reps` rounds (fewer, at least 2, once they pass 60 s; up to 4 * reps while a
+    round takes under 50 ms per provider, as short calls are noisier).  Rows: the harness's
+    standard ones plus peak memory in units of one (B, D) float32 tensor."""
+    peaks, times = {}, {}
+    for provider, step in list(steps.items()):
+        try:
+            peaks[provider] = peak_memory(step, device)
+            synchronize(device)
+            times[provider] = []
+        except Exception as exc:  # e.g. out of memory: record and go on
+            print(f"  {provider} {mode} {shape} failed: {exc}")
+            steps.pop(provider)
+    rounds, start = 0, time.perf_counter()
+    max_rounds = 4 * reps if reps > 2 else reps  # --quick: exactly reps rounds
+    while steps and rounds < max_rounds:
+        for provider, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            times[provider].append(time.perf_counter() - t0)
+        rounds += 1
+        elapsed = time.perf_counter() - start
+        slow = elapsed / rounds > 0.05 * len(steps)
+        if (rounds >= reps and slow) or (rounds >= 2 and elapsed > 60.0):
+            break
+    eager = None
+    for provider in steps:
+        med = recorder.add_timing(op, provider, mode, shape, dtype, device, times[provider],
+                                  peak_bytes=peaks[provider], eager_median=eager[0] if eager else None,
+                                  eager_peak=eager[1] if eager else None, floor_seconds=floor)
+        # the memory target is O(B D + D^2): peak in units of one (B, D) float32 tensor
+        recorder.add(op, provider, mode, shape, dtype, device, "peak_mem_in_BxD_tensors", peaks[provider] / bd_bytes)
+        if provider == "eager":
+            eager = (med, peaks[provider])
 
 
 def _run_similarity(args, recorder, device, providers, batches, dims, forms, reps, budget, gemm_rate):
@@ -133,10 +156,8 @@ def _run_similarity(args, recorder, device, providers, batches, dims, forms, rep
                     xs = [F.normalize(torch.randn(b, d, generator=gen), dim=-1).to(device=device, dtype=dtype)
                           for _ in range(4)]
                     students = (xs[0].requires_grad_(), xs[1].requires_grad_())
-                    bd_bytes = 4 * b * d
                     for mode in ("fwd", "fwd+bwd"):
-                        floor = _similarity_min_flops(form, mode, b, d) / gemm_rate
-                        eager = None
+                        steps = {}
                         for provider in providers:
                             if provider in ("eager", "compile"):
                                 need = EAGER_MATRICES[(form, mode)] * 4 * b * b
@@ -146,12 +167,11 @@ def _run_similarity(args, recorder, device, providers, batches, dims, forms, rep
                                     print(f"{op:>24} {provider:>16} {mode:>8} {shape:>24}  skipped: needs ~"
                                           f"{need / 2**30:.1f} GiB for its {b} x {b} matrices", flush=True)
                                     continue
-                            step = _step(_similarity_fn(provider, form), xs, students, mode)
-                            res = _measure(recorder, op, provider, mode, shape, dtype_str(dtype), device, step, reps,
-                                           eager, floor, bd_bytes)
-                            if res is not None and provider == "eager":
-                                eager = res
-                            gc.collect()
+                            steps[provider] = _step(_similarity_fn(provider, form), xs, students, mode)
+                        floor = _similarity_min_flops(form, mode, b, d) / gemm_rate
+                        _measure_side_by_side(recorder, op, mode, shape, dtype_str(dtype), device, steps, reps,
+                                              floor, 4 * b * d)
+                        gc.collect()
                     del xs, students
                     gc.collect()
 
@@ -168,13 +188,9 @@ def _run_decoupling(args, recorder, device, providers, batches, dims, reps, band
                 elem = xs[0].element_size()
                 for mode in ("fwd", "fwd+bwd"):
                     nbytes = 6 * b * d * elem + (9 * b * d * elem if mode == "fwd+bwd" else 0)
-                    eager = None
-                    for provider in providers:
-                        step = _step(_decoupling_fn(provider), xs, students, mode)
-                        res = _measure(recorder, op, provider, mode, shape, dtype_str(dtype), device, step, reps,
-                                       eager, nbytes / bandwidth, 4 * b * d)
-                        if res is not None and provider == "eager":
-                            eager = res
+                    steps = {p: _step(_decoupling_fn(p), xs, students, mode) for p in providers}
+                    _measure_side_by_side(recorder, op, mode, shape, dtype_str(dtype), device, steps, reps,
+                                          nbytes / bandwidth, 4 * b * d)
                 del xs, students
                 gc.collect()
 
