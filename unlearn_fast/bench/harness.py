@@ -91,8 +91,12 @@ def median_iqr(times: List[float]):
 
 
 def _rss_bytes() -> int:
+    """Resident anonymous memory (resident minus file-backed pages), where tensors live.  File
+    pages (the mapped libraries) are counted out: the kernel may reclaim cold ones during a
+    long call, which would hide that much tensor growth from the peak."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
 
 
 _MALLOC_TUNED = False
