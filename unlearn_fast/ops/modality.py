@@ -582,6 +582,13 @@ def similarity_matching_loss(student_image: torch.Tensor, student_text: torch.Te
     Returns:
         A float32 scalar (float64 for float64 input).  Gradients flow to student_image and
         student_text only.
+
+    Memory: the cpp/cuda backends hold two float32 panels of at most block_rows x Bt (the
+    whole matrices when Bi Bt <= 2^24, else ~16 MiB each), O(B) statistics and the Grams
+    (4 D^2); nothing of size Bi x Bt beyond that.  When a student requires grad and the
+    statistics are complete after the forward pass (one panel, or a single direction), they
+    form the gradient during the forward pass, as a fused linear cross-entropy does, and keep
+    it (Bi x D + Bt x D floats) until backward; otherwise backward recomputes the panels.
     """
     names = ("student_image", "student_text", "reference_image", "reference_text_shuffled")
     a, b, c, d = student_image, student_text, reference_image, reference_text_shuffled

@@ -208,8 +208,12 @@ def _tile_products(x_ptr, y_ptr, xr_ptr, yr_ptr, rows, row_ok, cols, col_ok, K,
         yr = tl.load(yr_ptr + y_offs, mask=y_mask, other=0.0)
         if UPCAST:
             x, y, xr, yr = x.to(tl.float32), y.to(tl.float32), xr.to(tl.float32), yr.to(tl.float32)
-        s += tl.dot(x, tl.trans(y), input_precision="ieee")
-        r += tl.dot(xr, tl.trans(yr), input_precision="ieee")
+        if x.dtype == tl.float32:  # full float32 products, not TF32
+            s += tl.dot(x, tl.trans(y), input_precision="ieee")
+            r += tl.dot(xr, tl.trans(yr), input_precision="ieee")
+        else:
+            s += tl.dot(x, tl.trans(y))
+            r += tl.dot(xr, tl.trans(yr))
     return s, r
 
 
@@ -309,7 +313,8 @@ def _sim_grad_kernel(x_ptr, y_ptr, xr_ptr, yr_ptr, row_stats_ptr, col_stats_ptr,
 def _sim_blocks(K: int):
     if triton_interpret():  # the interpreter runs each program in numpy: few, small programs
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, UPCAST=True), 32
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, UPCAST=False), min(128, triton.next_power_of_2(max(K, 16)))
+    return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, UPCAST=False, num_warps=8),
+            min(128, triton.next_power_of_2(max(K, 16))))
 
 
 def _row_pass(x, y, xr, yr, inv_t: float, mode: int):
@@ -319,7 +324,7 @@ def _row_pass(x, y, xr, yr, inv_t: float, mode: int):
     vals = torch.empty(M, dtype=torch.float32, device=x.device)
     stats = torch.zeros((4, M), dtype=torch.float32, device=x.device)
     blocks, _ = _sim_blocks(K)
-    grid = (triton.cdiv(M, blocks["BLOCK_M"]),)
+    grid = (triton.cdiv(M, blocks["BLOCK_M"]),)  # num_warps, when present, is a launch option
     _sim_rows_fwd_kernel[grid](x, y, xr, yr, stats, vals, M, N, K, inv_t, MODE=mode, **blocks)
     return vals, stats
 
