@@ -152,7 +152,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> md_bwd_cpu(const at::Tensor& grad
   for (int k = 0; k < 3; ++k) go[k] = static_cast<float>((g[k] + weights[k] * g[3]) * scales[k]);
   const bool need[3] = {need0, need1, need2};
   at::Tensor grads[3];
-  for (int k = 0; k < 3; ++k) grads[k] = need[k] ? at::empty_like(s[k]) : at::empty({0}, s[k].options());
+  for (int k = 0; k < 3; ++k) {
+    grads[k] = need[k] ? empty_for_full_write(s[k].sizes(), s[k].options()) : at::empty({0}, s[k].options());
+  }
   UF_DISPATCH_FLOAT(s0.scalar_type(), "modality_decoupling_bwd",
                     [&] { md_backward_impl<scalar_t>(go, s, r, cosine, need, grads); });
   return {grads[0], grads[1], grads[2]};
@@ -164,6 +166,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> md_bwd_cpu(const at::Tensor& grad
 constexpr int64_t kColumnChunk = 256;
 
 struct CpuPolicy {
+  // a gradient the panels write in full (common.h: huge pages, fewer first-touch faults)
+  static at::Tensor empty_gradient(at::IntArrayRef sizes, const at::TensorOptions& f) {
+    return empty_for_full_write(sizes, f);
+  }
+
   static at::Tensor new_col_state(int64_t bt, const at::TensorOptions& f) {
     at::Tensor st = at::empty({5, bt}, f);
     column_states_init(states(st), bt);

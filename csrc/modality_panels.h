@@ -12,6 +12,8 @@
 //   Policy::kl_cols_finalize(col_state, col_stats, col_kl)   column KL and statistics
 //   Policy::kl_grad(sp, rp, row_stats, row0, col_stats, gw)  sp <- G = g_row (q - p) + g_col (q' - p')
 //   Policy::sq_rows(ep, row0, row_vals)                      row sums of squares of a panel
+//   Policy::empty_gradient(sizes, options)                   an uninitialised gradient buffer
+//                                                            the panels write in full
 //
 // (sp, rp: contiguous float32 (n, Bt) panels; statistics: float32 (4, N) structure-of-arrays;
 // col_state: float32 (5, Bt); gw: float32 (2,) = (g_row, g_col) on the device, read by the
@@ -87,8 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_forwar
   at::Tensor row_kl = rows ? at::empty({bi}, f) : at::zeros({bi}, f);
   at::Tensor col_kl = cols ? at::empty({bt}, f) : at::zeros({bt}, f);
   at::Tensor col_state = cols ? Policy::new_col_state(bt, f) : at::Tensor();
-  at::Tensor ga = grad_in_forward ? at::empty({bi, dim}, f) : empty_f32(a);
-  at::Tensor gb = grad_in_forward ? at::empty({bt, dim}, f) : empty_f32(a);
+  at::Tensor ga = grad_in_forward ? Policy::empty_gradient({bi, dim}, f) : empty_f32(a);
+  at::Tensor gb = grad_in_forward ? Policy::empty_gradient({bt, dim}, f) : empty_f32(a);
   at::Tensor gw = two_floats(w_row * inv_t, w_col * inv_t, f);
   at::Tensor sbuf = at::empty({R, bt}, f), rbuf = at::empty({R, bt}, f);  // beta = 0 products overwrite
   for (int64_t i0 = 0; i0 < bi; i0 += R) {
@@ -124,8 +126,8 @@ std::tuple<at::Tensor, at::Tensor> kl_backward(const at::Tensor& grad_loss, cons
   const auto f = a.options();
   const bool rows = w_row != 0.0, cols = w_col != 0.0;
   const int64_t R = std::max<int64_t>(1, std::min(block_rows, bi));
-  at::Tensor ga = need_a ? at::empty({bi, dim}, f) : empty_f32(a);
-  at::Tensor gb = need_b ? at::empty({bt, dim}, f) : empty_f32(a);
+  at::Tensor ga = need_a ? Policy::empty_gradient({bi, dim}, f) : empty_f32(a);
+  at::Tensor gb = need_b ? Policy::empty_gradient({bt, dim}, f) : empty_f32(a);
   at::Tensor gw = grad_loss.to(at::kFloat).reshape({1}) * two_floats(w_row * inv_t, w_col * inv_t, f);
   at::Tensor sbuf = at::empty({R, bt}, f), rbuf = at::empty({R, bt}, f);  // beta = 0 products overwrite
   for (int64_t i0 = 0; i0 < bi && (need_a || need_b); i0 += R) {
@@ -151,8 +153,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sq_forward(const at::Tensor& a_in
   const auto f = a.options();
   const int64_t R = std::max<int64_t>(1, std::min(block_rows, bi));
   at::Tensor row_vals = at::empty({bi}, f);
-  at::Tensor ga = want_grad ? at::empty({bi, dim}, f) : empty_f32(a);
-  at::Tensor gb = want_grad ? at::empty({bt, dim}, f) : empty_f32(a);
+  at::Tensor ga = want_grad ? Policy::empty_gradient({bi, dim}, f) : empty_f32(a);
+  at::Tensor gb = want_grad ? Policy::empty_gradient({bt, dim}, f) : empty_f32(a);
   at::Tensor ebuf = at::empty({R, bt}, f);
   for (int64_t i0 = 0; i0 < bi; i0 += R) {
     const int64_t n = std::min(R, bi - i0);

@@ -105,6 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> md_bwd_cuda(const at::Tensor& gra
 // Similarity panels: the CUDA policy for csrc/modality_panels.h
 // ---------------------------------------------------------------------------------------
 struct CudaPolicy {
+  static at::Tensor empty_gradient(at::IntArrayRef sizes, const at::TensorOptions& f) { return at::empty(sizes, f); }
+
   static at::Tensor new_col_state(int64_t bt, const at::TensorOptions& f) {
     at::Tensor st = at::empty({5, bt}, f);
     check_cuda(mk::sim_kl_cols_init(st.data_ptr<float>(), bt, stream()), "similarity_kl_fwd");
