@@ -5,6 +5,9 @@ from unlearn_fast.ops.dual_masked_kl import DualMaskedKLDivLoss, dual_masked_kl
 from unlearn_fast.ops.losses import (CrossEntropyLoss, GradientAscentLoss, LinearCrossEntropyLoss, NPOLoss,
                                      SimNPOLoss, cross_entropy, cross_entropy_from_logits, gradient_ascent,
                                      gradient_ascent_from_logits, npo, sequence_logprob, simnpo)
+from unlearn_fast.ops.modality import (ModalityDecouplingLoss, SimilarityMatchingLoss, derangement,
+                                       modality_decoupling_loss, shuffle_without_fixed_points,
+                                       similarity_matching_loss)
 from unlearn_fast.ops.token_stats import token_stats, token_stats_from_logits
 
 __version__ = "0.1.0"
@@ -16,4 +19,6 @@ __all__ = [
     "token_stats", "token_stats_from_logits", "cross_entropy", "cross_entropy_from_logits", "gradient_ascent",
     "gradient_ascent_from_logits", "sequence_logprob", "npo", "simnpo", "CrossEntropyLoss", "LinearCrossEntropyLoss",
     "GradientAscentLoss", "NPOLoss", "SimNPOLoss",
+    "modality_decoupling_loss", "similarity_matching_loss", "derangement", "shuffle_without_fixed_points",
+    "ModalityDecouplingLoss", "SimilarityMatchingLoss",
 ]

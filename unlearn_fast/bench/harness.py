@@ -91,11 +91,24 @@ def median_iqr(times: List[float]):
 
 
 def _rss_bytes() -> int:
+    """Resident anonymous memory (resident minus file-backed pages), where tensors live.  File
+    pages (the mapped libraries) are counted out: the kernel may reclaim cold ones during a
+    long call, which would hide that much tensor growth from the peak."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
 
 
 _MALLOC_TUNED = False
+_LIBC = None
+
+
+def _release_free_heap() -> None:
+    """malloc_trim(0): give the free chunks glibc still holds back to the OS.  Memory freed
+    before the mmap threshold was fixed stays resident in the heap, and a tensor that later
+    reuses it would not raise the RSS (a fused op's panels read as 0 bytes)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _tune_malloc_for_rss() -> None:
@@ -104,7 +117,7 @@ def _tune_malloc_for_rss() -> None:
     By default glibc raises its mmap threshold after the first large free (up to 32 MiB)
     and then recycles freed heap memory without it ever leaving the RSS, which hides
     temporaries from the sampler.  A fixed threshold makes RSS follow tensor lifetimes."""
-    global _MALLOC_TUNED
+    global _MALLOC_TUNED, _LIBC
     if _MALLOC_TUNED:
         return
     _MALLOC_TUNED = True
@@ -115,7 +128,8 @@ def _tune_malloc_for_rss() -> None:
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
         libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
         libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
-    except OSError:  # not glibc: the sampler still works, less precisely
+        _LIBC = libc
+    except (OSError, AttributeError):  # not glibc: the sampler still works, less precisely
         pass
 
 
@@ -134,6 +148,7 @@ class _RssSampler:
     def __enter__(self):
         _tune_malloc_for_rss()
         gc.collect()
+        _release_free_heap()
         self.base = _rss_bytes()
         self.peak = self.base
         self._thread = threading.Thread(target=self._run, daemon=True)
