@@ -143,8 +143,8 @@ def _batch_scores(model, adapter, batch: dict, answers: Sequence[str], k: float,
     batch = to_model(batch, model)
     mask, st = answer_token_stats(model, adapter, batch, backend=backend)
     zl = torch.tensor([zlib_length(a) for a in answers], dtype=torch.float64)
-    sc = scores_from_token_stats(_scatter(mask, st["logprob"].float()), _scatter(mask, st["mean_logp"].float()),
-                                 _scatter(mask, st["std_logp"].float()), _scatter(mask, st["correct"]), mask, k=k,
+    sc = scores_from_token_stats(_scatter(mask, st["logprob"].double()), _scatter(mask, st["mean_logp"].double()),
+                                 _scatter(mask, st["std_logp"].double()), _scatter(mask, st["correct"]), mask, k=k,
                                  zlib_lengths=zl.to(mask.device))
     cols = {name: sc[name].cpu().tolist() for name in SCORE_NAMES}
     return [{name: cols[name][i] for name in SCORE_NAMES} for i in range(len(answers))]
@@ -204,7 +204,7 @@ def _decode_answers(batch: dict, tokenizer) -> List[str]:
     if tokenizer is None:
         raise ValueError("scoring pre-collated batches needs tokenizer= (ZLib decodes the answer tokens)")
     labels = batch["labels"]
-    return [tokenizer.decode([int(t) for t in row if int(t) != IGNORE_INDEX], skip_special_tokens=True)
+    return [tokenizer.decode([int(t) for t in row if int(t) != IGNORE_INDEX], skip_special_tokens=True).strip()
             for row in labels]
 
 
