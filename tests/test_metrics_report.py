@@ -60,7 +60,7 @@ def test_format_table_blocks_and_order():
 def test_plots_written(tmp_path):
     paths = report.plot_report(MODELS, str(tmp_path))
     names = sorted(os.path.basename(p) for p in paths)
-    assert names == ["before_after.png", "set_forget_vqa.png", "set_holdout_vqa.png", "summary.png"]
+    assert names == ["before_after.png", "sets.png", "summary.png"]
     for p in paths:
         assert os.path.getsize(p) > 1000
     with pytest.raises(ValueError, match="before"):
