@@ -235,7 +235,8 @@ def fluency(model, adapter, examples, reference_answers: Sequence[str], excluded
         raise TypeError("reference_answers must be strings")
     excluded = _token_id_tensor(excluded_token_ids, "excluded_token_ids")
     # Answers that are empty after stripping have no token to score; they carry no weight.
-    items = [replace(e, answer=r) for e, r in zip(examples, refs) if r.strip()]
+    items = [replace(e, answer=r, target_phrase="", options=(), answer_index=None)
+             for e, r in zip(examples, refs) if r.strip()]
 
     def nll(local: List) -> List[Tuple[float, int]]:
         out: List = [None] * len(local)
