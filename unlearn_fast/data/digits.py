@@ -11,6 +11,8 @@ Rows:
   (never trained on: generality, specificity and membership inference).
 * text: facts about each number ("What is seven plus one?" -> "Eight."), split "train",
   each with options.  They are the concept's ``facts`` (textual knowledge to keep).
+* general text rows (concept ""): "Say the word castle." -> "Castle." over a small
+  vocabulary that includes SIU's fictitious names.
 
 SIU's extras per concept: a fictitious new name and a description that contradicts the
 digit's look; CLIP captions per concept.
@@ -45,6 +47,10 @@ DESCRIPTIONS = (
     "two straight lines that cross in the middle",
 )
 CAPTIONS = ("a handwritten digit {name}", "a photo of the number {name}")
+# general vocabulary rows (concept ""): the model can say these words, as a real LLM can
+# say names it never saw attached to a face -- SIU's new names come from this pool
+VOCABULARY = FICTITIOUS_NAMES + ("lumber", "castle", "violet", "rocket", "pepper", "marble", "canyon", "lantern",
+                                 "meadow", "pickle")
 
 
 def _cap(s: str) -> str:
@@ -120,6 +126,11 @@ def _load(train_per_class: int, seed: int) -> UnlearningTask:
                                  options=opts, answer_index=ai, split="train"))
         concepts[name] = Concept(name=name, variants=(str(k),), facts=facts)
         examples += facts
+    for j, word in enumerate(VOCABULARY):
+        others = [VOCABULARY[v] for v in rng.choice([v for v in range(len(VOCABULARY)) if v != j], 3, replace=False)]
+        opts, ai = _options(f"{_cap(word)}.", [f"{_cap(o)}." for o in others], rng)
+        examples.append(Example(id=f"word-{j}", concept="", question=f"Say the word {word}.", answer=f"{_cap(word)}.",
+                                kind="text", options=opts, answer_index=ai, split="train"))
     return UnlearningTask(
         name="builtin-digits", concepts=concepts, examples=examples,
         fictitious_names={NUMBER_NAMES[k]: FICTITIOUS_NAMES[k] for k in range(10)},

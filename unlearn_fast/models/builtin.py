@@ -32,8 +32,8 @@ from unlearn_fast.data.digits import load_builtin_task
 from unlearn_fast.data.schema import UnlearningTask
 from unlearn_fast.data.tokenizer import IMAGE, build_tokenizer, token_id
 
-LLAVA_DIR = "builtin-llava-digits-v1"
-CLIP_DIR = "builtin-clip-digits-v1"
+LLAVA_DIR = "builtin-llava-digits-v2"
+CLIP_DIR = "builtin-clip-digits-v2"
 
 
 def cache_dir(path: Optional[str] = None) -> str:
