@@ -8,8 +8,9 @@ eval.json::
                             "summary": {"<metric>": value, ...}}}}   # summary: with a concept
 
 Values are numbers or null (a metric whose set was empty).  :func:`load_results` also
-reads ``unlearn-fast run`` style files ({method: {metric: value}} or {"methods": {...}}),
-whose rows become each method's "summary".
+reads ``unlearn-fast run``'s results.json ({"base": {"lm": row}, "methods": [{"method":
+name, ...}, ...]}; the base row becomes model "base") and plain {method: {metric: value}}
+files; their rows become each model's "summary".
 """
 from __future__ import annotations
 
@@ -68,14 +69,25 @@ def load_results(path: str, label: Optional[str] = None) -> Dict[str, dict]:
             obj = json.load(f)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not JSON ({exc})") from exc
+    numeric = lambda row: {k: v for k, v in row.items()  # noqa: E731
+                           if (isinstance(v, (int, float)) and not isinstance(v, bool)) or v is None}
     if isinstance(obj, dict) and obj.get("schema") == SCHEMA:
         models = obj["models"]
+    elif isinstance(obj, dict) and isinstance(obj.get("methods"), list):
+        # ``unlearn-fast run``'s results.json: {"base": {"lm": row, "clip": row}, "methods": [row, ...]}
+        models = {}
+        for kind, row in (obj.get("base") or {}).items():
+            if isinstance(row, dict):
+                models["base" if kind == "lm" else f"base-{kind}"] = {"summary": numeric(row)}
+        for row in obj["methods"]:
+            if not isinstance(row, dict) or "method" not in row:
+                raise ValueError(f"{path}: every entry of 'methods' needs a 'method' name")
+            models[str(row["method"])] = {"summary": numeric(row)}
     else:
         table = obj.get("methods", obj) if isinstance(obj, dict) else None
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
             raise ValueError(f"{path}: expected an eval.json or a {{method: {{metric: value}}}} results file")
-        models = {m: {"summary": {k: v for k, v in row.items() if isinstance(v, (int, float)) or v is None}}
-                  for m, row in table.items()}
+        models = {m: {"summary": numeric(row)} for m, row in table.items()}
     if label is not None:
         if len(models) != 1:
             raise ValueError(f"{path}: a label applies to a file with one model; it has {len(models)}")
