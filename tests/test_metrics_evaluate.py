@@ -106,6 +106,17 @@ def test_evaluate_sets_report(llava):
         assert key in fv, key
     assert fv["efficacy"] + fv["names_own_concept"] == pytest.approx(100.0)  # same concept on every row
     assert set(out["mia"]) == {f"mia_auc_{s}_vqa" for s in M.mia.MIA_SCORES}
+    # mixed sets: accuracy over the rows with options only; "test" pairs with "forget" (MLLMU-Bench)
+    from dataclasses import replace
+
+    rows = task.forget_set("seven")[:2]
+    plain = [replace(e, id=e.id + "-plain", options=(), answer_index=None) for e in rows]
+    mixed = E.evaluate_sets(model, adapter, tok, {"forget_vqa": rows + plain, "test_vqa": task.holdout_set("seven")},
+                            generate=False, max_examples=4)
+    mc = M.multiple_choice_accuracy(model, adapter, rows, tokenizer=tok)
+    assert mixed["forget_vqa"]["mc_accuracy"] == pytest.approx(mc["accuracy"])
+    assert mixed["forget_vqa"]["n"] == 4 and "answer_accuracy" not in mixed["forget_vqa"]
+    assert set(mixed["mia"]) == {f"mia_auc_{s}_vqa" for s in M.mia.MIA_SCORES}
 
 
 def test_evaluate_pairs_on_a_tiny_clip():
