@@ -1,6 +1,5 @@
 """Sharded evaluation over 2 gloo processes gives what one process gives: per-example
 scores (fused path), greedy answers and multiple-choice predictions, in input order."""
-import os
 
 import pytest
 import torch

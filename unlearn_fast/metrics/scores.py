@@ -74,7 +74,8 @@ def scores_from_token_stats(logprob: torch.Tensor, mean_logp: torch.Tensor, std_
     give NaN (num_tokens 0).  ``zlib_lengths`` (B,) enables "zlib"."""
     k = _check_k(k)
     m = mask.bool()
-    f = lambda x: torch.where(m, x.to(torch.float64), torch.zeros((), dtype=torch.float64, device=x.device))  # noqa: E731
+    zero = torch.zeros((), dtype=torch.float64, device=m.device)
+    f = lambda x: torch.where(m, x.to(torch.float64), zero)  # noqa: E731  (answer positions only)
     lp = f(logprob)
     n = m.sum(-1).to(torch.float64)
     nan = torch.full_like(n, math.nan)
