@@ -278,6 +278,25 @@ class Trainer:
         return True
 
 
+def trim_log(path: Optional[str], keep_through_step: int) -> None:
+    """Keep only the log lines of steps <= ``keep_through_step`` (a resumed run re-runs
+    the steps after its checkpoint; a fresh run starts an empty log)."""
+    if not path or not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if int(json.loads(line).get("step", 0)) <= keep_through_step:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                continue
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 def median_step_seconds(history: Sequence[Dict[str, float]], skip_first: int = 1) -> float:
     vals = [h["step_seconds"] for h in history[skip_first:]] or [h["step_seconds"] for h in history]
     return float(np.median(vals)) if vals else math.nan
