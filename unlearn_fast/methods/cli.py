@@ -346,7 +346,7 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
     run = run_multidelete if method == "multidelete" else functools_partial(run_lm_method, method)
     t0 = time.perf_counter()
     res = run(model, tokenizer, task, concept, backend=args.backend, overrides=overrides, seed=args.seed,
-              out_dir=mdir if rank == 0 else None, progress=not args.no_progress,
+              out_dir=mdir, progress=not args.no_progress,
               mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every)
     train_s = time.perf_counter() - t0
     if res.resumed_from:

@@ -119,7 +119,8 @@ class Method:
 
 # hyperparameters every method takes (the run CLI reads them)
 COMMON_DEFAULTS: Dict[str, object] = dict(lr=1e-4, steps=20, batch_size=8, lora=0, lora_where="language",
-                                          schedule="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0)
+                                          schedule="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
+                                          grad_accum=1)
 
 
 class GA(Method):

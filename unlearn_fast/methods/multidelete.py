@@ -30,7 +30,7 @@ import torch
 
 from unlearn_fast.methods._pending_ops import derangement, modality_decoupling_loss
 from unlearn_fast.methods.methods import COMMON_DEFAULTS
-from unlearn_fast.methods.trainer import BatchStream, Trainer, seed_everything
+from unlearn_fast.methods.trainer import BatchStream, Trainer, seed_everything, trim_log
 from unlearn_fast.models.adapters import CLIPAdapter, UnsupportedModelError, get_adapter
 from unlearn_fast.models.lora import Reference
 
@@ -143,7 +143,6 @@ def run_multidelete(base_model, tokenizer, task, concept: str, *, backend: str =
     trainer = Trainer(model, cfg, out_dir=out_dir, name="multidelete")
     resumed = trainer.step if trainer.try_resume() else 0
     log_path = os.path.join(out_dir, "log.jsonl") if out_dir else None
-    if log_path and not resumed and os.path.exists(log_path):
-        os.remove(log_path)
+    trim_log(log_path, resumed)
     history = trainer.train(method.train_step, log_path=log_path)
     return RunResult(model.eval(), history, resumed, method.hp)

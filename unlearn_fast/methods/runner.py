@@ -19,7 +19,7 @@ import torch
 from unlearn_fast.data.tokenizer import name_token_ids
 from unlearn_fast.methods.lm import LMContext
 from unlearn_fast.methods.methods import COMMON_DEFAULTS, LM_METHODS, MethodData
-from unlearn_fast.methods.trainer import TrainConfig, Trainer, median_step_seconds, seed_everything
+from unlearn_fast.methods.trainer import TrainConfig, Trainer, median_step_seconds, seed_everything, trim_log
 from unlearn_fast.models.adapters import get_adapter
 from unlearn_fast.models.lora import Reference, apply_lora, merged_copy
 
@@ -94,8 +94,7 @@ def run_lm_method(name: str, base_model, tokenizer, task, concept: str, *, backe
     method.prepare(trainer)  # on the original weights, before any resumed state
     resumed = trainer.step if trainer.try_resume() else 0
     log_path = os.path.join(out_dir, "log.jsonl") if out_dir else None
-    if out_dir and not resumed and log_path and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh start: drop a stale log
+    trim_log(log_path, resumed)
     history = trainer.train(method.train_step, log_path=log_path)
     return RunResult(merged_copy(model).eval(), history, resumed, hp)
 

@@ -157,6 +157,18 @@ class Trainer:
             torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
             p.grad.div_(world)
 
+    @staticmethod
+    def _average_terms(acc: Dict[str, float]) -> Dict[str, float]:
+        """The logged terms averaged over ranks (each rank's value is its share of the
+        global mean times the world size, see ``lm.global_mean``)."""
+        rank, world = dist_info()
+        if world == 1 or not acc:
+            return acc
+        keys = sorted(acc)
+        t = torch.tensor([acc[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
     def update(self, losses: Callable[[int], Dict[str, torch.Tensor]],
                grad_transform: Optional[Callable[[List[torch.Tensor]], None]] = None) -> Dict[str, float]:
         """One optimiser step on ``losses(micro)["loss"]`` accumulated over
@@ -178,6 +190,7 @@ class Trainer:
             for n, v in terms.items():
                 acc[n] = acc.get(n, 0.0) + float(v.detach()) / cfg.grad_accum
         self._sync_grads()
+        acc = self._average_terms(acc)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         for p, g in zip(self.params, grads):
             p.grad = g
@@ -276,6 +289,25 @@ class Trainer:
         self.step = int(state["step"])
         self.history = list(state["history"])
         return True
+
+
+def trim_log(path: Optional[str], keep_through_step: int) -> None:
+    """Keep only the log lines of steps <= ``keep_through_step`` (a resumed run re-runs
+    the steps after its checkpoint; a fresh run starts an empty log)."""
+    if not path or not os.path.exists(path) or dist_info()[0] != 0:
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if int(json.loads(line).get("step", 0)) <= keep_through_step:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                continue
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def median_step_seconds(history: Sequence[Dict[str, float]], skip_first: int = 1) -> float:
