@@ -1,213 +1,295 @@
-"""The unlearning methods: one small class each, sharing ``Trainer`` (trainer.py) and
-the fused loss terms (lm.py).  A method gets an ``LMContext`` (model, adapter, backend,
-reference) and a ``MethodData`` (lists of collated batches), and supplies
-``step_losses(i) -> {"loss": total, <term>: value, ...}``.
+"""The language-model unlearning methods: one small class each, sharing the training
+loop (:mod:`.trainer`) and the fused loss terms (:mod:`.lm`).
 
-Formulas (SPEC.md):
-  ga         -CE(D_f)
-  graddiff   -CE(D_f) + CE(D_r)
-  ga_kl      -CE(D_f) + KL(orig || cur) on D_r's answer tokens          (TOFU's "KL")
-  kl_min     -CE(D_f) + KL(orig || cur) on every attended token of D_r  (MMUnlearner's KL_Min)
-  npo        -(2/b) mean log sigmoid(-b (log pi(y|x) - log pi_ref(y|x))) on D_f  + CE(D_r)
-  po         CE(refusal answers to D_f questions) + CE(D_r)
-  siu        w_ce CE(multifaceted data) + w_dmk DMK(orig, cur; K_S = 0 on target phrases,
-             K_V = 0 on the concept name's token ids)
-  mmunlearner  every k steps an ascent step on D_f with gradients clipped then masked by
-             the saliency map m = 1[(F_f + eps) / (F_p + eps) >= tau] (vision modules: preserve
-             = retain VQA; language modules: retain VQA + text QA); every step descent on D_r.
+    ga           -CE(D_f)
+    graddiff     -CE(D_f) + w_r CE(D_r)
+    ga_kl        -CE(D_f) + w_kl KL(orig || cur) on D_r's answer tokens        (TOFU's "KL")
+    kl_min       -CE(D_f) + w_kl KL(orig || cur) on every attended token of D_r (MMUnlearner's KL_Min)
+    npo          -(2/beta) mean log sigmoid(-beta (log pi(y|x) - log pi_ref(y|x))) on D_f + w_r CE(D_r)
+    po           CE(refusal answers to D_f's questions) + w_r CE(D_r)
+    siu          w_ce CE(multifaceted rows) + w_dmk DMK(orig, cur), K_S = 0 on the target-phrase
+                 tokens, K_V = 0 on the concept name's token ids (SPEC.md section 1)
+    mmunlearner  Fisher of D_f and of the preserve sets (vision modules: retain VQA; language
+                 modules: retain VQA + text QA incl. the concept's facts), saliency mask
+                 m = 1[(F_f + eps) / (F_p + eps) >= tau]; every k steps one ascent step on a D_f
+                 batch with the gradient clipped, then masked (or m * g / (F_p + lam), "geometry");
+                 every step one descent step on a D_r batch.
+
+D_f = the concept's trained-on image rows, D_r = the other concepts' rows (image and text).
+KL(orig || cur) is the fused dual masked KL with K_V = 1.  Every term goes through the
+fused ops with the context's backend ("eager" = the logits-materialising baseline).
+
+Hyperparameters: each method has ``DEFAULTS`` (tuned on the built-in digits task, see the
+README); any of them can be overridden (``unlearn-fast run --set key=value``).
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from unlearn_fast.methods import lm
-from unlearn_fast.methods.lm import LMContext
+from unlearn_fast.data.schema import Example, UnlearningTask
+from unlearn_fast.methods.lm import LMContext, answer_mask, attended_mask
+from unlearn_fast.methods.trainer import BatchStream, Trainer
+
+SIU_PRESETS = {
+    # ours: KL form, mean over the kept answer positions, K_S on the answer tokens
+    "default": dict(ce_weight=1.0, dmk_weight=1.0, form="kl", reduction="mean", dmk_positions="answer"),
+    # the released code: CE 0.9 / DMK 0.75, cross-entropy form, Z = kept positions x V,
+    # KL over every attended position (our reading of its masks, without its misalignment)
+    "reference": dict(ce_weight=0.9, dmk_weight=0.75, form="cross_entropy", reduction="siu", dmk_positions="all"),
+}
 
 
 @dataclass
 class MethodData:
-    forget: List[dict] = field(default_factory=list)          # image QA on the forgotten concept
-    retain: List[dict] = field(default_factory=list)          # other concepts (image QA) + text QA
-    retain_vqa: List[dict] = field(default_factory=list)      # MMUnlearner's vision preserve set
-    retain_text: List[dict] = field(default_factory=list)     # text-only QA incl. the concept's facts
-    siu: List[dict] = field(default_factory=list)             # SIU multifaceted batches (with token_mask)
-    refusal: List[dict] = field(default_factory=list)         # D_f questions with refusal answers (PO)
-    forget_token_ids: List[int] = field(default_factory=list)  # the concept name's token ids (K_V)
+    """The row sets a method trains on, turned into batch streams on demand."""
 
+    task: UnlearningTask
+    concept: str
+    collate: Callable[[List[Example]], dict]
+    batch_size: int = 8
+    seed: int = 0
+    name_token_ids: List[int] = field(default_factory=list)
+    _streams: Dict[str, BatchStream] = field(default_factory=dict)
 
-def _cycle(batches: List[dict], i: int, what: str) -> dict:
-    if not batches:
-        raise ValueError(f"this method needs {what} batches, but the data has none")
-    return batches[i % len(batches)]
+    def rows(self, which: str) -> List[Example]:
+        t, c = self.task, self.concept
+        if which == "forget":
+            return t.forget_set(c, kind="vqa")
+        if which == "retain":
+            return t.retain_set(c)
+        if which == "retain_vqa":
+            return t.retain_set(c, kind="vqa")
+        if which == "retain_text":  # every trained-on text row, the concept's facts included
+            return t.retain_text(c)
+        if which == "preserve_language":
+            return t.retain_set(c, kind="vqa") + t.retain_text(c)
+        if which == "siu":
+            from unlearn_fast.data.siu import build_siu_examples
+
+            return build_siu_examples(t, c, seed=self.seed)
+        if which == "refusal":
+            import dataclasses
+
+            return [dataclasses.replace(e, answer=t.refusal, options=(), answer_index=None, target_phrase="")
+                    for e in t.forget_set(c, kind="vqa")]
+        raise KeyError(which)
+
+    def stream(self, which: str, batch_size: Optional[int] = None) -> BatchStream:
+        key = f"{which}:{batch_size}"
+        if key not in self._streams:
+            self._streams[key] = BatchStream(self.rows(which), batch_size or self.batch_size, self.collate,
+                                             seed=self.seed + zlib.crc32(which.encode()) % 1000, name=which)
+        return self._streams[key]
 
 
 class Method:
+    """Base class.  ``DEFAULTS``: hyperparameters (lr, steps, batch_size, lora rank ...)."""
+
     name = "base"
     needs_reference = False
+    DEFAULTS: Dict[str, object] = {}
 
     def __init__(self, ctx: LMContext, data: MethodData, **hp):
-        self.ctx, self.data, self.hp = ctx, data, hp
+        unknown = set(hp) - set(self.DEFAULTS) - set(COMMON_DEFAULTS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown hyperparameter(s) {sorted(unknown)}; "
+                             f"known: {sorted(set(self.DEFAULTS) | set(COMMON_DEFAULTS))}")
+        self.ctx, self.data = ctx, data
+        self.hp = {**COMMON_DEFAULTS, **self.DEFAULTS, **hp}
+        if self.needs_reference and ctx.reference is None:
+            raise ValueError(f"{self.name} needs the frozen reference model")
 
-    def prepare(self) -> None:
-        """One-off work before training (e.g. Fisher information)."""
+    def prepare(self, trainer: Trainer) -> None:
+        """One-off work before the first step (e.g. Fisher information); resumed runs call
+        it again (it must be deterministic)."""
 
-    def step_losses(self, i: int) -> Dict[str, torch.Tensor]:
+    def losses(self, i: int) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    grad_hook = None
+    def train_step(self, trainer: Trainer, step: int) -> Dict[str, float]:
+        return trainer.update(self.losses)
+
+    def batch(self, which: str, i: int) -> dict:
+        return self.data.stream(which)(i)
+
+
+# hyperparameters every method takes (the run CLI reads them)
+COMMON_DEFAULTS: Dict[str, object] = dict(lr=1e-4, steps=20, batch_size=8, lora=0, lora_where="language",
+                                          schedule="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
+                                          grad_accum=1)
 
 
 class GA(Method):
     name = "ga"
+    DEFAULTS = dict(lr=5e-5, steps=10)
 
-    def step_losses(self, i):
-        ce_f = lm.cross_entropy(self.ctx, _cycle(self.data.forget, i, "forget"))
+    def losses(self, i):
+        ce_f = self.ctx.ce(self.batch("forget", i))
         return {"loss": -ce_f, "forget_ce": ce_f}
 
 
 class GradDiff(Method):
     name = "graddiff"
+    DEFAULTS = dict(lr=5e-5, steps=20, retain_weight=1.0)
 
-    def step_losses(self, i):
-        ce_f = lm.cross_entropy(self.ctx, _cycle(self.data.forget, i, "forget"))
-        ce_r = lm.cross_entropy(self.ctx, _cycle(self.data.retain, i, "retain"))
-        return {"loss": -ce_f + self.hp.get("retain_weight", 1.0) * ce_r, "forget_ce": ce_f, "retain_ce": ce_r}
+    def losses(self, i):
+        ce_f = self.ctx.ce(self.batch("forget", i))
+        ce_r = self.ctx.ce(self.batch("retain", i))
+        return {"loss": -ce_f + self.hp["retain_weight"] * ce_r, "forget_ce": ce_f, "retain_ce": ce_r}
 
 
 class GAKL(Method):
+    """-CE(D_f) + KL(orig || cur) on D_r, the KL over the answer tokens (TOFU)."""
+
     name = "ga_kl"
     needs_reference = True
-    all_tokens = False
+    DEFAULTS = dict(lr=5e-5, steps=20, kl_weight=1.0)
+    all_positions = False
 
-    def step_losses(self, i):
-        ce_f = lm.cross_entropy(self.ctx, _cycle(self.data.forget, i, "forget"))
-        batch_r = _cycle(self.data.retain, i, "retain")
-        mask = batch_r["attention_mask"].bool() if self.all_tokens else None
-        kl = lm.reference_kl(self.ctx, batch_r, token_mask=mask)
-        return {"loss": -ce_f + self.hp.get("kl_weight", 1.0) * kl, "forget_ce": ce_f, "retain_kl": kl}
+    def losses(self, i):
+        ce_f = self.ctx.ce(self.batch("forget", i))
+        b = self.batch("retain", i)
+        mask = attended_mask(b) if self.all_positions else answer_mask(b)
+        kl = self.ctx.dual_masked_kl(b, mask)
+        return {"loss": -ce_f + self.hp["kl_weight"] * kl, "forget_ce": ce_f, "retain_kl": kl}
 
 
 class KLMin(GAKL):
+    """MMUnlearner's KL_Min baseline: the KL over every attended token of D_r."""
+
     name = "kl_min"
-    all_tokens = True
+    all_positions = True
 
 
 class NPO(Method):
     name = "npo"
     needs_reference = True
+    DEFAULTS = dict(lr=1e-4, steps=20, beta=0.1, retain_weight=1.0)
 
-    def step_losses(self, i):
-        beta = self.hp.get("beta", 0.1)
-        npo = lm.npo_loss(self.ctx, _cycle(self.data.forget, i, "forget"), beta)
-        ce_r = lm.cross_entropy(self.ctx, _cycle(self.data.retain, i, "retain"))
-        return {"loss": npo + self.hp.get("retain_weight", 1.0) * ce_r, "npo": npo, "retain_ce": ce_r}
+    def losses(self, i):
+        from unlearn_fast.ops.losses import npo
+
+        bf = self.batch("forget", i)
+        per_seq = npo(self.ctx.sequence_logps(bf), self.ctx.sequence_logps(bf, reference=True),
+                      beta=float(self.hp["beta"]), reduction="none")
+        loss_npo = self.ctx.mean_over_sequences(per_seq)
+        ce_r = self.ctx.ce(self.batch("retain", i))
+        return {"loss": loss_npo + self.hp["retain_weight"] * ce_r, "npo": loss_npo, "retain_ce": ce_r}
 
 
 class PO(Method):
+    """Preference optimisation towards refusals: CE on "I do not know." answers to the
+    forget questions, plus CE on D_r."""
+
     name = "po"
+    DEFAULTS = dict(lr=3e-4, steps=20, retain_weight=1.0)
 
-    def step_losses(self, i):
-        ce_refuse = lm.cross_entropy(self.ctx, _cycle(self.data.refusal, i, "refusal"))
-        ce_r = lm.cross_entropy(self.ctx, _cycle(self.data.retain, i, "retain"))
-        return {"loss": ce_refuse + self.hp.get("retain_weight", 1.0) * ce_r, "refusal_ce": ce_refuse,
-                "retain_ce": ce_r}
-
-
-# SIU presets: (CE weight, DMK weight, form, reduction)
-SIU_PRESETS = {
-    "default": (1.0, 1.0, "kl", "mean"),
-    "reference": (0.9, 0.75, "cross_entropy", "siu"),  # the released code's weights and normalisation
-}
+    def losses(self, i):
+        ce_refuse = self.ctx.ce(self.batch("refusal", i))
+        ce_r = self.ctx.ce(self.batch("retain", i))
+        return {"loss": ce_refuse + self.hp["retain_weight"] * ce_r, "refusal_ce": ce_refuse, "retain_ce": ce_r}
 
 
 class SIU(Method):
     name = "siu"
     needs_reference = True
+    # the paper: LoRA, lr 3e-4, batch 4, ~6 steps on LLaVA-7B; the tiny built-in model
+    # needs a larger step size and more steps (tuned on the built-in task)
+    DEFAULTS = dict(lr=3e-3, steps=40, batch_size=4, lora=8, preset="default", ce_weight=None, dmk_weight=None,
+                    form=None, reduction=None, dmk_positions=None)
 
     def __init__(self, ctx, data, **hp):
         super().__init__(ctx, data, **hp)
-        preset = SIU_PRESETS[hp.get("preset", "default")]
-        self.ce_weight = hp.get("ce_weight", preset[0])
-        self.dmk_weight = hp.get("dmk_weight", preset[1])
-        self.form = hp.get("form", preset[2])
-        self.reduction = hp.get("reduction", preset[3])
-        if not data.forget_token_ids:
-            raise ValueError("SIU needs the concept name's token ids (K_V) in MethodData.forget_token_ids")
+        if self.hp["preset"] not in SIU_PRESETS:
+            raise ValueError(f"siu: preset must be one of {sorted(SIU_PRESETS)}, got {self.hp['preset']!r}")
+        for k, v in SIU_PRESETS[self.hp["preset"]].items():
+            if self.hp.get(k) is None:
+                self.hp[k] = v
+        if self.hp["dmk_positions"] not in ("answer", "all"):
+            raise ValueError(f"siu: dmk_positions must be 'answer' or 'all', got {self.hp['dmk_positions']!r}")
+        if not data.name_token_ids:
+            raise ValueError("siu needs the concept name's token ids (K_V)")
+        self.vocab_mask = ctx.vocab_mask(data.name_token_ids)
 
-    def step_losses(self, i):
-        batch = _cycle(self.data.siu, i, "SIU multifaceted")
-        ce = lm.cross_entropy(self.ctx, batch)
-        # K_S: every attended position except the target-phrase tokens
-        token_mask = batch["attention_mask"].bool() & batch["token_mask"].bool()
-        dmk = lm.reference_kl(self.ctx, batch, token_mask=token_mask, forget_token_ids=self.data.forget_token_ids,
-                              form=self.form, reduction=self.reduction)
-        return {"loss": self.ce_weight * ce + self.dmk_weight * dmk, "ce": ce, "dmk": dmk}
+    def losses(self, i):
+        b = self.batch("siu", i)
+        h = self.ctx.hidden(b)
+        ce = self.ctx.ce(b, h)
+        base = answer_mask(b) if self.hp["dmk_positions"] == "answer" else attended_mask(b)
+        k_s = base & ~b["target_phrase_mask"]  # K_S = 0 on the target phrase
+        dmk = self.ctx.dual_masked_kl(b, k_s, h, vocab_mask=self.vocab_mask, form=self.hp["form"],
+                                      reduction=self.hp["reduction"])
+        return {"loss": self.hp["ce_weight"] * ce + self.hp["dmk_weight"] * dmk, "ce": ce, "dmk": dmk}
 
 
 class MMUnlearner(Method):
     name = "mmunlearner"
+    # forget_every="ratio": k = |D_r| / |D_f| as in the paper (about 10 on the built-in task,
+    # so 150 steps hold 15 ascent steps)
+    DEFAULTS = dict(lr=3e-4, steps=150, mode="mask", threshold=1.0, eps=1e-15, lam=1.0, forget_every="ratio",
+                    fisher_batches=8, retain_weight=1.0)
 
-    def __init__(self, ctx, data, **hp):
-        super().__init__(ctx, data, **hp)
-        self.mode = hp.get("mode", "mask")  # or "geometry" (SFR-on)
-        self.threshold = hp.get("threshold", 1.0)
-        self.max_norm = hp.get("max_grad_norm", 1.0)
-        self.every = max(1, int(hp.get("forget_every", 1)))
-        self.fisher_batches = int(hp.get("fisher_batches", 8))
-        self.mask = None
-        self.preserve_fisher = None
+    def prepare(self, trainer):
+        from unlearn_fast.methods._pending_ops import mmunlearner_mask, mmunlearner_preserve_fisher
 
-    def _fisher(self, params, batch_lists):
-        from unlearn_fast.saliency import FisherAccumulator
+        if self.hp["mode"] not in ("mask", "geometry"):
+            raise ValueError(f"mmunlearner: mode must be 'mask' or 'geometry', got {self.hp['mode']!r}")
+        named = trainer.named_params
+        forget = self._fisher(trainer, "forget")
+        pres_vision = self._fisher(trainer, "retain_vqa")
+        pres_language = self._fisher(trainer, "preserve_language")
+        is_vision = self.ctx.adapter.is_vision_parameter
+        self.mask = mmunlearner_mask(named, forget, pres_vision, pres_language, is_vision,
+                                     threshold=float(self.hp["threshold"]), eps=float(self.hp["eps"]))
+        self.preserve = mmunlearner_preserve_fisher(named, pres_vision, pres_language, is_vision)
+        every = self.hp["forget_every"]
+        if every == "ratio":  # k = |D_r| / |D_f| (the paper)
+            n_f = len(self.data.rows("forget"))
+            every = max(1, round(len(self.data.rows("preserve_language")) / max(n_f, 1)))
+        self.every = int(every)
 
-        acc = FisherAccumulator(params)
-        n = 0
-        for batches in batch_lists:
-            for batch in batches[: self.fisher_batches]:
-                self.ctx.model.zero_grad(set_to_none=True)
-                lm.cross_entropy(self.ctx, batch).backward()
-                acc.accumulate([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-                n += 1
-        self.ctx.model.zero_grad(set_to_none=True)
-        if n == 0:
-            raise ValueError("MMUnlearner needs forget and preserve batches to estimate the Fisher information")
+    def _fisher(self, trainer, which: str) -> List[torch.Tensor]:
+        """Diagonal Fisher: the mean over batches of the squared CE gradient."""
+        from unlearn_fast.methods._pending_ops import FisherAccumulator
+
+        acc = FisherAccumulator(trainer.named_params)
+        stream = self.data.stream(which)
+        for i in range(min(int(self.hp["fisher_batches"]), stream.per_epoch)):
+            trainer.optimizer.zero_grad(set_to_none=True)
+            with trainer.autocast():
+                loss = self.ctx.ce(stream(i))
+            loss.backward()
+            trainer._sync_grads()
+            acc.accumulate([p.grad if p.grad is not None else torch.zeros_like(p) for p in trainer.params])
+        trainer.optimizer.zero_grad(set_to_none=True)
         return acc.mean()
 
-    def prepare(self):
-        from unlearn_fast.saliency import ratio_mask
-
-        named = [(n, p) for n, p in self.ctx.model.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
-        vision = self.ctx.adapter.is_vision_parameter
-        forget_f = self._fisher(params, [self.data.forget])
-        # preserve Fisher: vision modules see retain VQA only; language modules also text QA
-        pres_vqa = self._fisher(params, [self.data.retain_vqa or self.data.retain])
-        pres_all = self._fisher(params, [self.data.retain_vqa or self.data.retain, self.data.retain_text])
-        preserve = [pv if vision(n) else pa for (n, _), pv, pa in zip(named, pres_vqa, pres_all)]
-        self.mask = ratio_mask(forget_f, preserve, threshold=self.threshold)
-        self.preserve_fisher = preserve
-        self.params = params
-
-    def step_losses(self, i):
-        from unlearn_fast.saliency import transform_gradients_
+    def train_step(self, trainer, step):
+        from unlearn_fast.methods._pending_ops import transform_gradients_
 
         terms = {}
-        if i % self.every == 0:
-            ce_f = lm.cross_entropy(self.ctx, _cycle(self.data.forget, i, "forget"))
-            (-ce_f).backward()
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            for p, g in zip(self.params, grads):
-                p.grad = g
-            transform_gradients_(grads, self.mask, mode=self.mode,
-                                 preserve_fisher=self.preserve_fisher if self.mode == "geometry" else None,
-                                 max_norm=self.max_norm)
-            terms["forget_ce"] = ce_f.detach()
-        ce_r = lm.cross_entropy(self.ctx, _cycle(self.data.retain, i, "retain"))
-        terms["retain_ce"] = ce_r
-        terms["loss"] = ce_r
+        if step % self.every == 0:
+            def forget_loss(i):
+                ce_f = self.ctx.ce(self.batch("forget", i))
+                return {"loss": -ce_f, "forget_ce": ce_f}
+
+            def masked(grads):
+                transform_gradients_(grads, self.mask, mode=self.hp["mode"],
+                                     preserve_fisher=self.preserve if self.hp["mode"] == "geometry" else None,
+                                     lam=float(self.hp["lam"]), max_norm=trainer.cfg.max_grad_norm)
+
+            terms.update(trainer.update(forget_loss, grad_transform=masked))
+            terms.pop("loss", None)
+
+        def retain_loss(i):
+            ce_r = self.ctx.ce(self.batch("preserve_language", i))
+            return {"loss": self.hp["retain_weight"] * ce_r, "retain_ce": ce_r}
+
+        terms.update(trainer.update(retain_loss))
         return terms
 
 

@@ -1,0 +1,195 @@
+"""``unlearn-fast run`` end to end on tiny saved models and a small JSONL dataset:
+outputs, resume, the input model untouched, and bad input failing fast with nothing
+written."""
+import dataclasses
+import hashlib
+import json
+import os
+
+import pytest
+
+from tiny_models import task_and_tokenizer, tiny_clip, tiny_llava
+from unlearn_fast.cli import main as cli_main
+from unlearn_fast.data import write_jsonl_task
+
+KEYS = ("method", "efficacy", "generality", "specificity", "text_retention", "fluency", "diversity", "mia_auc",
+        "wall_seconds")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    task, tok = task_and_tokenizer()
+    concepts = ("one", "two", "seven")
+    count = {}
+    rows = []
+    for e in task.examples:
+        if e.concept == "":
+            rows.append(e)
+        elif e.concept in concepts:
+            if e.kind == "vqa":
+                k = count.get((e.concept, e.split), 0)
+                if k >= (6 if e.split == "train" else 3):
+                    continue
+                count[(e.concept, e.split)] = k + 1
+            rows.append(e)
+    small = dataclasses.replace(task, examples=rows, concepts={c: task.concepts[c] for c in concepts},
+                                fictitious_names={c: task.fictitious_names[c] for c in concepts},
+                                descriptions={c: task.descriptions[c] for c in concepts},
+                                captions={c: task.captions[c] for c in concepts})
+    data = str(root / "data" / "digits.jsonl")
+    os.makedirs(os.path.dirname(data))
+    write_jsonl_task(small, data)
+    llava_dir, clip_dir = str(root / "llava"), str(root / "clip")
+    for model, d in ((tiny_llava(), llava_dir), (tiny_clip(), clip_dir)):
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+    return {"data": data, "llava": llava_dir, "clip": clip_dir}
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            h.update(name.encode() + f.read())
+    return h.hexdigest()
+
+
+def _run(assets, out, *extra, method="ga", model="llava"):
+    argv = ["run", "--method", method, "--model", assets[model], "--data", assets["data"], "--concept", "seven",
+            "--out", str(out), "--eval-max-examples", "4", "--throughput-steps", "1", "--no-progress",
+            "--set", "batch_size=2", *extra]
+    return cli_main(argv)
+
+
+def test_run_writes_results_and_reuses_them(assets, tmp_path, capsys):
+    before = _digest(assets["llava"])
+    out = tmp_path / "out"
+    assert _run(assets, out, "--steps", "2") == 0
+    printed = capsys.readouterr().out
+    assert "unlearning 'seven'" in printed and "ga" in printed and "x eager" in printed
+    assert _digest(assets["llava"]) == before  # the input model is never written
+    res = json.loads((out / "results.json").read_text())
+    (row,) = res["methods"]
+    for k in KEYS:
+        assert k in row
+    for k in ("efficacy", "generality", "specificity", "text_retention", "diversity"):
+        assert row[k] is None or 0.0 <= row[k] <= 100.0
+    assert row["steps"] == 2 and row["step_seconds_eager"] > 0 and row["step_seconds_fused"] > 0
+    assert res["base"]["lm"]["text_retention"] is not None
+    assert (out / "results.png").exists() and (out / "base.json").exists()
+    assert len((out / "ga" / "log.jsonl").read_text().splitlines()) == 2
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    # a rerun reuses the finished method; other settings are refused
+    assert _run(assets, out, "--steps", "2") == 0
+    assert "finished earlier" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["methods"][0]["wall_seconds"] == row["wall_seconds"]
+    assert _run(assets, out, "--steps", "3") == 2
+    assert "other settings (steps differ)" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes(assets, tmp_path, capsys, monkeypatch):
+    from unlearn_fast.methods import methods as M
+
+    real = M.Method.train_step
+
+    def crash(self, trainer, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, trainer, step)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(M.Method, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _run(assets, out, "--steps", "4", "--checkpoint-every", "2", method="graddiff")
+    assert (out / "graddiff" / "checkpoint" / "state.json").exists() and not (out / "results.json").exists()
+    monkeypatch.setattr(M.Method, "train_step", real)
+    assert _run(assets, out, "--steps", "4", "--checkpoint-every", "2", method="graddiff") == 0
+    row = json.loads((out / "graddiff" / "result.json").read_text())
+    assert row["resumed_from_step"] == 2 and row["steps"] == 4
+    assert [json.loads(x)["step"] for x in (out / "graddiff" / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_siu_reference_preset_with_lora(assets, tmp_path):
+    out = tmp_path / "siu"
+    assert _run(assets, out, "--steps", "2", "--lora", "2", "--set", "siu.preset=reference", method="siu") == 0
+    row = json.loads((out / "siu" / "result.json").read_text())
+    assert row["hyperparameters"]["preset"] == "reference" and row["hyperparameters"]["lora"] == 2
+    assert row["hyperparameters"]["form"] == "cross_entropy" and row["hyperparameters"]["reduction"] == "siu"
+    terms = json.loads((out / "siu" / "log.jsonl").read_text().splitlines()[-1])
+    assert {"ce", "dmk", "loss"} <= set(terms)
+
+
+def test_multidelete_on_clip(assets, tmp_path):
+    out = tmp_path / "md"
+    assert _run(assets, out, "--steps", "2", method="multidelete", model="clip") == 0
+    (row,) = json.loads((out / "results.json").read_text())["methods"]
+    assert row["method"] == "multidelete" and 0.0 <= row["pair_auc"] <= 1.0
+    assert 0.0 <= row["retained_retrieval"] <= 100.0 and "retained_retrieval_drop" in row
+
+
+def _bad_llava_backbone(tmp_path):
+    from transformers import LlavaModel
+
+    d = str(tmp_path / "backbone")
+    LlavaModel(tiny_llava().config).save_pretrained(d)
+    return d
+
+
+def _llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = str(tmp_path / "llama")
+    LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(d)
+    return d
+
+
+def _bad_jsonl(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"concept": "seven", "question": "q", "answer": "a"}\n{"concept": "seven", "answer": "a"}\n')
+    return str(p)
+
+
+@pytest.mark.parametrize("case", ["model_missing", "data_missing", "bad_row", "concept", "backbone", "llama",
+                                  "out_in_model", "multidelete_on_llava", "bad_set"])
+def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    args = {"model": assets["llava"], "data": assets["data"], "concept": "seven", "method": "ga", "extra": []}
+    expect = {
+        "model_missing": ("model", str(tmp_path / "nope"), "no such folder"),
+        "data_missing": ("data", str(tmp_path / "nope.jsonl"), "no such file"),
+        "bad_row": ("data", None, "bad.jsonl:2: missing required field 'question'"),
+        "concept": ("concept", "eleven", "concept 'eleven' is not in task"),
+        "backbone": ("model", None, "has no lm_head"),
+        "llama": ("model", None, "model_type 'llama' is not supported"),
+        "out_in_model": (None, None, "overlaps the input model folder"),
+        "multidelete_on_llava": ("method", "multidelete", "runs on a CLIPModel"),
+        "bad_set": (None, None, "ga has no hyperparameter(s) ['betta']"),
+    }[case]
+    key, value, message = expect
+    if case == "bad_row":
+        value = _bad_jsonl(tmp_path)
+    elif case == "backbone":
+        value = _bad_llava_backbone(tmp_path)
+    elif case == "llama":
+        value = _llama(tmp_path)
+    elif case == "out_in_model":
+        out = os.path.join(assets["llava"], "results")
+    elif case == "bad_set":
+        args["extra"] = ["--set", "ga.betta=1"]
+    if key:
+        args[key] = value
+    argv = ["run", "--method", args["method"], "--model", args["model"], "--data", args["data"],
+            "--concept", args["concept"], "--out", str(out), "--no-progress", *args["extra"]]
+    assert cli_main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("unlearn-fast run: error:") and message in last, last
+    assert not os.path.exists(out)
+
+
+def test_unknown_method_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["run", "--method", "forgetful", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "invalid choice: 'forgetful'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")

@@ -1,0 +1,148 @@
+"""MultiDelete (Cheng & Amiri, ECCV 2024) on a CLIP-architecture dual encoder.
+
+    L = w_md  D( M(I_f, T_perm), M^(I_f, T_f) )    deleted pairs -> look like mismatched pairs
+      + w_multi D( M(I_r, T_r),  M^(I_r, T_r) )    multimodal knowledge of retained pairs kept
+      + w_uni D( M(I_f),         M^(I_f) )         unimodal (image) embeddings kept
+
+M = the frozen original, M^ = the model being unlearned, D = MSE (the reference code),
+computed by the fused ``modality_decoupling_loss``.  CLIP has no fusion encoder, so the
+fused image-text representation here is the element-wise product of the normalised
+image and text embeddings: its sum is CLIP's matching score (cosine similarity), so
+"looks like a mismatched pair" is exactly what the pair AUC measures.
+
+T_perm: the forget batch's captions under a derangement (no caption stays with its
+image).  When captions repeat (the built-in task has one caption per concept), a
+deranged caption can still be the image's own text; those slots take a caption of
+another concept instead, so every (I_f, T_perm) pair is truly mismatched.
+
+``unimodal="image"`` (default) keeps the image embeddings of the forget images;
+"image+text" also keeps their caption embeddings (then the two terms pull against each
+other on a dual encoder, where the fused representation is a function of both).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from unlearn_fast.methods._pending_ops import derangement, modality_decoupling_loss
+from unlearn_fast.methods.methods import COMMON_DEFAULTS
+from unlearn_fast.methods.trainer import BatchStream, Trainer, seed_everything, trim_log
+from unlearn_fast.models.adapters import CLIPAdapter, UnsupportedModelError, get_adapter
+from unlearn_fast.models.lora import Reference
+
+
+def fused_pair(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """CLIP's fused pair representation: normalised image * normalised text (D,)."""
+    return torch.nn.functional.normalize(image_embeds, dim=-1) * torch.nn.functional.normalize(text_embeds, dim=-1)
+
+
+class MultiDelete:
+    name = "multidelete"
+    needs_reference = True
+    DEFAULTS = dict(lr=1e-4, steps=30, batch_size=32, md_weight=1.0, multi_weight=1.0, uni_weight=1.0,
+                    distance="mse", unimodal="image")
+
+    def __init__(self, model, adapter: CLIPAdapter, tokenizer, task, concept: str, reference: Reference, *,
+                 backend: str = "auto", seed: int = 0, **hp):
+        unknown = set(hp) - set(self.DEFAULTS) - set(COMMON_DEFAULTS)
+        if unknown:
+            raise ValueError(f"multidelete: unknown hyperparameter(s) {sorted(unknown)}")
+        self.hp = {**COMMON_DEFAULTS, **self.DEFAULTS, **hp}
+        if self.hp["unimodal"] not in ("image", "image+text"):
+            raise ValueError(f"multidelete: unimodal must be 'image' or 'image+text', got {self.hp['unimodal']!r}")
+        self.model, self.adapter, self.tokenizer, self.reference, self.backend = model, adapter, tokenizer, reference, \
+            backend
+        self.seed = seed
+        c = task.concept(concept)
+        self.task, self.concept = task, c.name
+        f_imgs, f_caps, _ = task.image_caption_pairs(c.name)
+        r_imgs, r_caps, _ = task.image_caption_pairs(exclude_concept=c.name)
+        if len(f_imgs) < 2:
+            raise ValueError(f"multidelete needs at least 2 image-caption pairs of {c.name!r} to delete")
+        self.other_captions = sorted(set(r_caps))
+        bs = int(self.hp["batch_size"])
+        self.forget = BatchStream(list(zip(f_imgs, f_caps)), bs, lambda rows: rows, seed=seed, name="forget pairs")
+        self.retain = BatchStream(list(zip(r_imgs, r_caps)), bs, lambda rows: rows, seed=seed + 1,
+                                  name="retain pairs")
+
+    def _embed(self, model, images, captions):
+        batch = self.adapter.collate_pairs(images, captions, self.tokenizer)
+        dev = next(model.parameters()).device
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        return (self.adapter.image_embeds(model, batch["pixel_values"]),
+                self.adapter.text_embeds(model, batch["input_ids"], batch["attention_mask"]))
+
+    def mismatched_captions(self, captions: List[str], i: int) -> List[str]:
+        perm = derangement(len(captions), seed=self.seed * 100003 + i).tolist()
+        rng = np.random.default_rng([self.seed, i])
+        out = []
+        for j, p in enumerate(perm):
+            cap = captions[p]
+            if cap == captions[j]:  # same text: not a mismatch, take another concept's caption
+                cap = self.other_captions[int(rng.integers(len(self.other_captions)))]
+            out.append(cap)
+        return out
+
+    def losses(self, i: int) -> Dict[str, torch.Tensor]:
+        f = self.forget(i)
+        r = self.retain(i)
+        f_imgs, f_caps = [x for x, _ in f], [c for _, c in f]
+        r_imgs, r_caps = [x for x, _ in r], [c for _, c in r]
+        s_fi, s_ft = self._embed(self.model, f_imgs, f_caps)
+        s_ri, s_rt = self._embed(self.model, r_imgs, r_caps)
+        with self.reference.active() as ref:
+            m_fi, m_fperm = self._embed(ref, f_imgs, self.mismatched_captions(f_caps, i))
+            m_ri, m_rt = self._embed(ref, r_imgs, r_caps)
+            if self.hp["unimodal"] == "image+text":
+                _, m_ft = self._embed(ref, f_imgs[:1], f_caps)  # text embeddings of T_f
+        student_uni, reference_uni = s_fi, m_fi
+        if self.hp["unimodal"] == "image+text":
+            student_uni, reference_uni = torch.cat([s_fi, s_ft]), torch.cat([m_fi, m_ft])
+        loss, terms = modality_decoupling_loss(
+            fused_pair(s_fi, s_ft), fused_pair(m_fi, m_fperm).detach(),
+            fused_pair(s_ri, s_rt), fused_pair(m_ri, m_rt).detach(),
+            student_uni, reference_uni.detach(),
+            weights=(float(self.hp["md_weight"]), float(self.hp["multi_weight"]), float(self.hp["uni_weight"])),
+            distance=str(self.hp["distance"]), return_terms=True, backend=self.backend)
+        return {"loss": loss, "md": terms["md"], "multi": terms["multi"], "uni": terms["uni"]}
+
+    def prepare(self, trainer: Trainer) -> None:
+        pass
+
+    def train_step(self, trainer: Trainer, step: int) -> Dict[str, float]:
+        return trainer.update(self.losses)
+
+
+def run_multidelete(base_model, tokenizer, task, concept: str, *, backend: str = "auto",
+                    overrides: Optional[Dict] = None, seed: int = 0, out_dir: Optional[str] = None,
+                    progress: bool = True, mixed_precision: str = "no", checkpoint_every: int = 0,
+                    steps: Optional[int] = None):
+    from unlearn_fast.methods.runner import RunResult, _train_config
+
+    overrides = dict(overrides or {})
+    if steps is not None:
+        overrides["steps"] = int(steps)
+    adapter = get_adapter(base_model)
+    if not isinstance(adapter, CLIPAdapter):
+        raise UnsupportedModelError(f"multidelete runs on a CLIPModel (a dual encoder); got {adapter.model_class}")
+    seed_everything(seed)
+    model = copy.deepcopy(base_model)
+    model.requires_grad_(True)
+    if int(overrides.get("lora", 0)):
+        raise ValueError("multidelete trains the full CLIP model (lora is not supported here)")
+    method = MultiDelete(model, get_adapter(model), tokenizer, task, concept, Reference(model), backend=backend,
+                         seed=seed, **overrides)
+    cfg = _train_config(method.hp, progress=progress, mixed_precision=mixed_precision, seed=seed,
+                        checkpoint_every=checkpoint_every)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    trainer = Trainer(model, cfg, out_dir=out_dir, name="multidelete")
+    resumed = trainer.step if trainer.try_resume() else 0
+    log_path = os.path.join(out_dir, "log.jsonl") if out_dir else None
+    trim_log(log_path, resumed)
+    history = trainer.train(method.train_step, log_path=log_path)
+    return RunResult(model.eval(), history, resumed, method.hp)
