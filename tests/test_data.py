@@ -78,6 +78,20 @@ def test_siu_rows_from_one_image():
         build_siu_examples(_without_names(task), "three")
 
 
+def test_siu_default_image_is_the_most_typical():
+    from unlearn_fast.data.siu import representative_image
+
+    task = load_builtin_task()
+    rows = task.forget_set("five")
+    pick = representative_image(rows)
+    assert pick in rows
+    grey = np.stack([r.image[..., 0].astype(np.float64) for r in rows])
+    dist = np.linalg.norm((grey - grey.mean(0)).reshape(len(rows), -1), axis=1)
+    assert dist[rows.index(pick)] <= np.percentile(dist, 5)  # (resampling makes it approximate)
+    align = [r for r in build_siu_examples(task, "five") if r.image is not None]
+    assert all(r.image is pick.image for r in align)
+
+
 def _without_names(task):
     import dataclasses
 

@@ -353,6 +353,8 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
         print(f"[run] {method}: resumed from step {res.resumed_from}", flush=True)
     t1 = time.perf_counter()
     row = _evaluate(res.model, tokenizer, task, concept, args, reference=model)
+    if method == "siu":
+        row = {**row, **_siu_efficacy(res.model, tokenizer, task, concept, args.seed, row)}
     eval_s = time.perf_counter() - t1
     row = {"method": method, **{k: row.get(k, math.nan) for k in LM_KEYS + PAIR_KEYS}, **row,
            "train_seconds": train_s, "eval_seconds": eval_s, "wall_seconds": train_s + eval_s,
@@ -376,6 +378,23 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
     if rank == 0:
         _write_json(done, row)
     return row
+
+
+def _siu_efficacy(model, tokenizer, task, concept, seed, row) -> dict:
+    """SIU's efficacy is measured on its ONE training image (asked every question of
+    the concept's image rows), as in the paper; the evaluation engine's number over all
+    the concept's trained-on images is kept as efficacy_forget_set."""
+    from unlearn_fast.methods.methods import MethodData
+    from unlearn_fast.metrics.generation import generate_answers
+    from unlearn_fast.metrics.text import efficacy
+    from unlearn_fast.models.adapters import get_adapter
+
+    rows = MethodData(task, concept, collate=None, seed=seed).rows("siu_image")
+    answers = generate_answers(model, get_adapter(model), rows, tokenizer=tokenizer, progress_bar=False)
+    from unlearn_fast.data.siu import representative_image
+
+    return {"efficacy": efficacy(answers, task.concept(concept)), "efficacy_forget_set": row.get("efficacy"),
+            "siu_training_image": representative_image(task.forget_set(concept, kind="vqa")).id}
 
 
 def functools_partial(fn, name):
