@@ -197,11 +197,11 @@ def test_mmunlearner_mask_and_masked_ascent():
     assert moved_outside == 0 and moved_inside > 0
 
 
-@pytest.mark.parametrize("mode", ["mask", "geometry"])
-def test_mmunlearner_runs(mode):
+def test_mmunlearner_geometry_runs():
     task, tok = task_and_tokenizer()
     res = run_lm_method("mmunlearner", tiny_llava(), tok, task, CONCEPT, progress=False,
-                        overrides={"steps": 3, "batch_size": 4, "fisher_batches": 2, "forget_every": 2, "mode": mode})
+                        overrides={"steps": 3, "batch_size": 2, "fisher_batches": 1, "forget_every": 2,
+                                   "mode": "geometry"})
     assert [h["step"] for h in res.history] == [1, 2, 3]
     assert "forget_ce" in res.history[0] and "forget_ce" not in res.history[1] and "retain_ce" in res.history[1]
 
@@ -240,7 +240,7 @@ def test_multidelete_terms_match_eager():
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     task, tok = task_and_tokenizer()
     base = tiny_llava()
-    kw = dict(overrides={"steps": 4, "batch_size": 3, "lr": 1e-3}, progress=False)
+    kw = dict(overrides={"steps": 4, "batch_size": 2, "lr": 1e-3}, progress=False)
     straight = run_lm_method("graddiff", base, tok, task, CONCEPT, **kw)
 
     class Stop(Exception):

@@ -57,7 +57,8 @@ def _digest(folder):
 
 def _run(assets, out, *extra, method="ga", model="llava"):
     argv = ["run", "--method", method, "--model", assets[model], "--data", assets["data"], "--concept", "seven",
-            "--out", str(out), "--eval-max-examples", "4", "--throughput-steps", "1", "--no-progress",
+            "--out", str(out), "--eval-max-examples", "3", "--max-new-tokens", "4", "--throughput-steps", "1",
+            "--no-progress", "--threads", "1",
             "--set", "batch_size=2", *extra]
     return cli_main(argv)
 

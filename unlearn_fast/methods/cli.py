@@ -37,7 +37,7 @@ from unlearn_fast.methods.runner import ALL_METHODS
 LM_KEYS = ("efficacy", "generality", "specificity", "text_retention", "fluency", "diversity", "mia_auc")
 PAIR_KEYS = ("pair_auc", "retained_retrieval")
 SETTINGS_KEYS = ("model", "data", "concept", "backend", "seed", "steps", "set", "lora", "mixed_precision",
-                 "eval_max_examples")
+                 "eval_max_examples", "max_new_tokens")
 
 
 class RunError(Exception):
@@ -63,11 +63,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     p.add_argument("--eval-max-examples", type=int, default=200, help="rows per evaluation set (evenly subsampled)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length limit in the evaluation")
     p.add_argument("--throughput-steps", type=int, default=3,
                    help="steps timed with the fused backend and with eager (0: skip)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="checkpoint period in steps (0: none)")
     p.add_argument("--save-model", action="store_true", help="also save each unlearned model to DIR/<method>/model")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice; 1 is much faster for the tiny built-in "
+                        "models on a busy machine)")
     p.add_argument("--restart", action="store_true", help="discard earlier results in DIR instead of resuming")
     p.add_argument("--no-progress", action="store_true")
 
@@ -201,13 +204,19 @@ def _init_distributed(device: str):
 
 
 def main(args) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
     try:
-        plan = _prepare(args)
-    except (RunError, ValueError, TypeError, FileNotFoundError) as exc:
-        # bad input: one clear line, nothing written
-        print(f"unlearn-fast run: error: {exc}", file=sys.stderr)
-        return 2
-    return _execute(args, plan)
+        try:
+            plan = _prepare(args)
+        except (RunError, ValueError, TypeError, FileNotFoundError) as exc:
+            # bad input: one clear line, nothing written
+            print(f"unlearn-fast run: error: {exc}", file=sys.stderr)
+            return 2
+        return _execute(args, plan)
+    finally:
+        torch.set_num_threads(threads)  # --threads applies to this run only
 
 
 def _prepare(args) -> dict:
@@ -314,7 +323,8 @@ def _evaluate(model, tokenizer, task, concept, args, reference=None) -> dict:
     if isinstance(adapter, CLIPAdapter):
         return evaluate_pairs(model, adapter, tokenizer, task, concept, max_examples=args.eval_max_examples)
     return evaluate_task(model, adapter, tokenizer, task, concept, reference_model=reference,
-                         max_examples=args.eval_max_examples, backend=args.backend, progress_bar=False)
+                         max_examples=args.eval_max_examples, max_new_tokens=args.max_new_tokens,
+                         backend=args.backend, progress_bar=False)
 
 
 def _base_rows(args, out, task, concept, lm, clip, rank) -> Dict[str, dict]:
@@ -354,7 +364,7 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
     t1 = time.perf_counter()
     row = _evaluate(res.model, tokenizer, task, concept, args, reference=model)
     if method == "siu":
-        row = {**row, **_siu_efficacy(res.model, tokenizer, task, concept, args.seed, row)}
+        row = {**row, **_siu_efficacy(res.model, tokenizer, task, concept, args.seed, row, args.max_new_tokens)}
     eval_s = time.perf_counter() - t1
     row = {"method": method, **{k: row.get(k, math.nan) for k in LM_KEYS + PAIR_KEYS}, **row,
            "train_seconds": train_s, "eval_seconds": eval_s, "wall_seconds": train_s + eval_s,
@@ -380,7 +390,7 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
     return row
 
 
-def _siu_efficacy(model, tokenizer, task, concept, seed, row) -> dict:
+def _siu_efficacy(model, tokenizer, task, concept, seed, row, max_new_tokens: int) -> dict:
     """SIU's efficacy is measured on its ONE training image (asked every question of
     the concept's image rows), as in the paper; the evaluation engine's number over all
     the concept's trained-on images is kept as efficacy_forget_set."""
@@ -390,7 +400,8 @@ def _siu_efficacy(model, tokenizer, task, concept, seed, row) -> dict:
     from unlearn_fast.models.adapters import get_adapter
 
     rows = MethodData(task, concept, collate=None, seed=seed).rows("siu_image")
-    answers = generate_answers(model, get_adapter(model), rows, tokenizer=tokenizer, progress_bar=False)
+    answers = generate_answers(model, get_adapter(model), rows, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                               progress_bar=False)
     from unlearn_fast.data.siu import representative_image
 
     return {"efficacy": efficacy(answers, task.concept(concept)), "efficacy_forget_set": row.get("efficacy"),

@@ -53,7 +53,14 @@ class MethodData:
     batch_size: int = 8
     seed: int = 0
     name_token_ids: List[int] = field(default_factory=list)
+    device: Optional[torch.device] = None  # batches are moved here (the model's device)
     _streams: Dict[str, BatchStream] = field(default_factory=dict)
+
+    def collate_to_device(self, rows: List[Example]) -> dict:
+        batch = self.collate(rows)
+        if self.device is None or self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def rows(self, which: str) -> List[Example]:
         t, c = self.task, self.concept
@@ -83,7 +90,7 @@ class MethodData:
     def stream(self, which: str, batch_size: Optional[int] = None) -> BatchStream:
         key = f"{which}:{batch_size}"
         if key not in self._streams:
-            self._streams[key] = BatchStream(self.rows(which), batch_size or self.batch_size, self.collate,
+            self._streams[key] = BatchStream(self.rows(which), batch_size or self.batch_size, self.collate_to_device,
                                              seed=self.seed + zlib.crc32(which.encode()) % 1000, name=which)
         return self._streams[key]
 
@@ -234,7 +241,7 @@ class SIU(Method):
         rows = [stream.rows[k] for k in stream.indices(i)]
         rows = [dataclasses.replace(r, image=shift_image(r.image, rng, shift)) if r.image is not None else r
                 for r in rows]
-        return self.data.collate(rows)
+        return self.data.collate_to_device(rows)
 
     def losses(self, i):
         b = self.siu_batch(i)
