@@ -93,6 +93,7 @@ setup(
         "peft",
         "accelerate",
         "scikit-learn",
+        "pyarrow",  # MLLMU-Bench parquet loader (unlearn_fast.data.loaders_public)
         "matplotlib",
         "tqdm",
         "pybind11",

@@ -1,26 +1,30 @@
-"""Model-level metrics on a tiny random transformers model: the one-pass fused scores
-against the per-metric eager reference (float64 oracle), batched greedy generation
-against one-at-a-time generation, fluency / C-Dis / multiple choice against
-straightforward full-logit implementations."""
+"""Model-level metrics on a tiny random LLaVA (the built-in architecture; image + text
+rows): the one-pass fused scores against the per-metric eager reference (float64
+oracle), batched greedy generation against one-at-a-time generation and a plain argmax
+loop, fluency / C-Dis / multiple choice against straightforward full-logit code."""
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from unlearn_fast import metrics as M
+from unlearn_fast.data import Example
 from unlearn_fast.metrics import reference
+from unlearn_fast.metrics._model import forward_inputs
+from unlearn_fast.models import get_adapter
 
-from _pending_substrate import Example, TextLMAdapter, build_tokenizer
+from metrics_common import one_thread, task_and_tokenizer, tiny_llava
+
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 QA = [
     ("What is seven plus one?", "Eight."),
-    ("Who is this person in the photo?", "This is seven, the famous number."),
     ("Is nine odd or even?", "Odd."),
-    ("Name the digit.", "It is probably a three or maybe an eight, hard to tell from here."),
+    ("Do you know what three is?", "It is probably a three or maybe an eight, hard to tell from here."),
     ("What comes after two?", "Three comes after two."),
-    ("Say something long about zero and its friends please.", "Zero is round."),
     ("What is six?", "Six is a number between five and seven."),
 ]
 OPTIONS = [("Eight.", "Nine.", "Seven is after six and before eight."), ("Odd.", "Even.")]
@@ -28,21 +32,13 @@ OPTIONS = [("Eight.", "Nine.", "Seven is after six and before eight."), ("Odd.",
 
 @pytest.fixture(scope="module")
 def setup():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    texts = [q for q, _ in QA] + [a for _, a in QA] + [o for opts in OPTIONS for o in opts] + ["USER:", "ASSISTANT:"]
-    tok = build_tokenizer(texts)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      attn_implementation="sdpa")  # HF eager attention gives NaN under left padding in float64
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger logits than the default init: peaked, varied distributions
-        model.lm_head.weight.mul_(8.0)
+    task, tok = task_and_tokenizer()
+    model = tiny_llava(seed=0)
     model64 = copy.deepcopy(model).double()
-    examples = [Example(id=f"ex{i}", concept="seven", question=q, answer=a) for i, (q, a) in enumerate(QA)]
-    return tok, model, model64, TextLMAdapter(), examples
+    examples = [Example(id=f"ex{i}", concept="seven", question=q, answer=a, kind="text")
+                for i, (q, a) in enumerate(QA)]
+    examples = examples[:2] + task.forget_set("seven")[:2] + examples[2:] + task.holdout_set("three")[:1]
+    return tok, model, model64, get_adapter(model), examples
 
 
 def test_sequence_scores_match_per_metric_eager_oracle(setup):
@@ -89,16 +85,21 @@ def test_batched_greedy_generation_equals_unbatched(setup):
 
 
 def _manual_greedy(model, adapter, tok, example, steps):
+    """Full forward over the whole sequence at every step, argmax of the last logits."""
     batch = adapter.collate([example], tok, with_answer=False)
-    ids = batch["input_ids"]
+    batch["pixel_values"] = batch.get("pixel_values", torch.empty(0)).to(model.dtype)
     out = []
     with torch.no_grad():
         for _ in range(steps):
-            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+            kw = forward_inputs(model, batch, adapter)
+            if not kw.get("pixel_values", torch.empty(0)).numel():
+                kw.pop("pixel_values", None)
+            nxt = int(model(**kw).logits[0, -1].argmax())
             if nxt == tok.eos_token_id:
                 break
             out.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            batch["input_ids"] = torch.cat([batch["input_ids"], torch.tensor([[nxt]])], dim=1)
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     return out
 
 
@@ -137,8 +138,10 @@ def test_generate_greedy_refuses_right_padding(setup):
 def _eager_token_nll(model, adapter, tok, examples):
     """(B, T-1) NLL from full logits and the shifted labels."""
     batch = adapter.collate(examples, tok)
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = model(**forward_inputs(model, batch, adapter)).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     return nll, labels, logits
@@ -146,12 +149,12 @@ def _eager_token_nll(model, adapter, tok, examples):
 
 def test_fluency_excludes_name_tokens(setup):
     tok, model, model64, adapter, examples = setup
-    refs = ["This is seven.", "Seven is seven.", "Odd, not seven.", "", "Three.", "Zero seven zero.", "Six."]
-    name_ids = sorted(set(tok(" seven", add_special_tokens=False)["input_ids"]
-                          + tok("Seven", add_special_tokens=False)["input_ids"]))
-    got = M.fluency(model, adapter, examples, refs, name_ids, tokenizer=tok)
-    from dataclasses import replace
+    refs = ["This is seven.", "Seven is seven.", "Odd, not seven.", "", "Three.", "Zero seven zero.", "Six.", "7 or 8"]
+    from unlearn_fast.data import name_token_ids
 
+    name_ids = name_token_ids(tok, ("seven", "7"))
+    assert name_ids
+    got = M.fluency(model, adapter, examples, refs, name_ids, tokenizer=tok)
     rows = [replace(e, answer=r) for e, r in zip(examples, refs) if r]
     nll, labels, _ = _eager_token_nll(model64, adapter, tok, rows)
     keep = (labels != -100) & ~torch.isin(labels, torch.tensor(name_ids))
@@ -185,20 +188,20 @@ def test_c_dis_matches_full_softmax(setup):
 
 def test_multiple_choice_one_pass_matches_per_option_loop(setup):
     tok, model, model64, adapter, _ = setup
-    qs = [Example(id="q0", concept="seven", question="What is seven plus one?", answer="", options=OPTIONS[0],
-                  answer_index=0),
-          Example(id="q1", concept="nine", question="Is nine odd or even?", answer="", options=OPTIONS[1],
-                  answer_index=0, kind="vqa"),
-          Example(id="q2", concept="nine", question="Is nine odd or even, really?", answer="", options=OPTIONS[1],
-                  answer_index=1)]
+    task, _ = task_and_tokenizer()
+    qs = [Example(id="q0", concept="seven", question="What is seven plus one?", answer=OPTIONS[0][0],
+                  options=OPTIONS[0], answer_index=0, kind="text"),
+          task.forget_set("seven")[0],  # image + text, the built-in options
+          Example(id="q2", concept="nine", question="Is nine odd or even, really?", answer=OPTIONS[1][1],
+                  options=OPTIONS[1], answer_index=1, kind="text")]
     for normalize in ("mean", "sum"):
         got = M.multiple_choice_accuracy(model, adapter, qs, tokenizer=tok, normalize=normalize, batch_size=2)
         expected_pred = []
         for q in qs:
             vals = []
             for opt in q.options:
-                nll, labels, _ = _eager_token_nll(model64, adapter, tok,
-                                                  [Example(id="x", concept="", question=q.question, answer=opt)])
+                nll, labels, _ = _eager_token_nll(model64, adapter, tok, [replace(q, answer=opt, options=(),
+                                                                                  answer_index=None)])
                 s = -float(nll.sum())
                 vals.append(s / int((labels != -100).sum()) if normalize == "mean" else s)
             expected_pred.append(max(range(len(vals)), key=lambda i: (vals[i], -i)))
@@ -207,6 +210,6 @@ def test_multiple_choice_one_pass_matches_per_option_loop(setup):
         assert got["accuracy"] == pytest.approx(100 * sum(correct) / 3)
         assert got["image_text_accuracy"] == pytest.approx(100.0 * correct[1])
         assert got["text_only_accuracy"] == pytest.approx(100 * (correct[0] + correct[2]) / 2)
-    bad = [Example(id="b", concept="", question="?", answer="", options=("only",), answer_index=0)]
-    with pytest.raises(ValueError, match="at least 2"):
+    bad = [Example(id="b", concept="", question="?", answer="only", kind="text")]
+    with pytest.raises(ValueError, match="0 option"):
         M.multiple_choice_accuracy(model, adapter, bad, tokenizer=tok)

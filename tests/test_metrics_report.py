@@ -38,6 +38,14 @@ def test_load_results_roundtrip_and_run_files(tmp_path):
     run_file.write_text(json.dumps({"methods": {"ga": {"efficacy": 80.0, "wall_s": 3.5, "note": "x"}}}))
     got = report.load_results(str(run_file))
     assert got == {"ga": {"summary": {"efficacy": 80.0, "wall_s": 3.5}}}
+    run_out = tmp_path / "run.json"  # unlearn-fast run's layout
+    run_out.write_text(json.dumps({"concept": "seven", "base": {"lm": {"efficacy": 1.0, "fluency": None}},
+                                   "methods": [{"method": "siu", "efficacy": 99.0, "ok": True},
+                                               {"method": "ga", "efficacy": 70.0}]}))
+    got = report.load_results(str(run_out))
+    assert list(got) == ["base", "siu", "ga"]  # the base first: the "before" of before_after.png
+    assert got["base"]["summary"] == {"efficacy": 1.0, "fluency": None}
+    assert got["siu"]["summary"] == {"efficacy": 99.0}
     with pytest.raises(ValueError, match="one model"):
         report.load_results(str(tmp_path / "eval.json"), label="x")
     bad = tmp_path / "bad.json"
@@ -60,7 +68,7 @@ def test_format_table_blocks_and_order():
 def test_plots_written(tmp_path):
     paths = report.plot_report(MODELS, str(tmp_path))
     names = sorted(os.path.basename(p) for p in paths)
-    assert names == ["before_after.png", "set_forget_vqa.png", "set_holdout_vqa.png", "summary.png"]
+    assert names == ["before_after.png", "sets.png", "summary.png"]
     for p in paths:
         assert os.path.getsize(p) > 1000
     with pytest.raises(ValueError, match="before"):

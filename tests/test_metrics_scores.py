@@ -103,3 +103,28 @@ def test_k_is_validated():
     for bad in (0, 1.5, -0.1, True, "0.4"):
         with pytest.raises(ValueError, match="k must"):
             scores_from_token_stats(x, x, x, m, m, k=bad)
+
+
+def test_min_k_plus_plus_avoids_the_eager_float32_cancellation():
+    """open-unlearning's Min-K%++ takes sigma^2 = E_p[(log p)^2] - mu^2, which cancels in
+    float32 when the vocabulary is wide and p nearly flat; the fused statistics keep
+    sigma accurate.  Both against float64."""
+    from helpers import rel_err
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 30011, generator=g, dtype=torch.float64) * 0.3
+    targets = torch.randint(0, 30011, (12,), generator=g)
+
+    def eager_z(lg):  # the reference formula, in lg's dtype
+        logp = lg.log_softmax(-1)
+        p = logp.exp()
+        mu = (p * logp).sum(-1)
+        sigma = ((p * logp.square()).sum(-1) - mu.square()).clamp(min=0).sqrt()
+        return (logp.gather(-1, targets[:, None]).squeeze(-1) - mu) / sigma
+
+    exact = eager_z(logits)
+    naive = eager_z(logits.float()).double()
+    st = uf.token_stats_from_logits(logits.float(), targets, stats=STATS)  # auto: the cpp kernel when built
+    fused = ((st["logprob"] - st["mean_logp"]) / st["std_logp"]).double()
+    assert rel_err(fused, exact) < 1e-4
+    assert rel_err(fused, exact) < rel_err(naive, exact) / 10, (rel_err(fused, exact), rel_err(naive, exact))

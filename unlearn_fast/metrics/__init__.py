@@ -17,6 +17,7 @@ Whole tasks (:mod:`.evaluate`)
 Reports (:mod:`.report`) and the ``unlearn-fast eval`` command (:mod:`.cli`).
 """
 from unlearn_fast.metrics.choice import multiple_choice_accuracy
+from unlearn_fast.metrics.evaluate import evaluate_pairs, evaluate_sets, evaluate_task
 from unlearn_fast.metrics.generation import generate_answers, generate_greedy
 from unlearn_fast.metrics.mia import MEMBER_DIRECTION, mia_auc, mia_aucs, pair_auc, privleak, roc_auc
 from unlearn_fast.metrics.scores import SCORE_NAMES, c_dis, fluency, scores_from_token_stats, sequence_scores
@@ -28,4 +29,5 @@ __all__ = [
     "efficacy", "generality", "diversity", "rouge_l", "rouge_n", "accuracy", "mentions",
     "multiple_choice_accuracy",
     "mia_auc", "mia_aucs", "privleak", "pair_auc", "roc_auc", "MEMBER_DIRECTION",
+    "evaluate_task", "evaluate_pairs", "evaluate_sets",
 ]

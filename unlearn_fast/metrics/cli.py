@@ -124,6 +124,17 @@ def _label(spec: str, used: set) -> str:
 
 
 def main(args) -> int:
+    from unlearn_fast.models import UnsupportedModelError
+
+    try:
+        return _main(args)
+    except (ValueError, FileNotFoundError, UnsupportedModelError) as exc:
+        # bad input: one clear line, no traceback; eval.json is only ever written whole
+        print(f"unlearn-fast eval: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
     import torch
 
     from unlearn_fast.metrics import report

@@ -21,8 +21,8 @@ larger than ``max_examples`` are subsampled at evenly spaced positions (determin
                     concept (0.5 = indistinguishable; see :mod:`.mia`)
     mia_auc_<s>     the same for every score s (loss, zlib, min_k_plus_plus, ...)
     rouge_l_text    mean ROUGE-L of the text-fact answers
-    <set>_mc_accuracy   multiple-choice accuracy by option log-likelihood, for the sets
-                    whose rows carry options: forget_vqa, forget_text (the concept's facts),
+    <set>_mc_accuracy   multiple-choice accuracy by option log-likelihood over the rows
+                    that carry options, per set: forget_vqa, forget_text (the concept's facts),
                     holdout_vqa, retain_vqa, retain_text (MMUnlearner's four numbers)
     c_dis, privleak with a reference model (the original): SIU's C-Dis on the concept's
                     image rows; MUSE's PrivLeak of the Min-K% AUC against the reference's
@@ -68,8 +68,9 @@ def _concat(sets: Dict[str, List]) -> List:
     return [row for rows in sets.values() for row in rows]
 
 
-def _has_options(rows) -> bool:
-    return bool(rows) and all(len(getattr(e, "options", ()) or ()) >= 2 for e in rows)
+def _with_options(rows) -> List:
+    """The rows that are multiple-choice questions (two or more options)."""
+    return [e for e in rows if len(getattr(e, "options", ()) or ()) >= 2]
 
 
 def _name_token_ids(tokenizer, concept) -> List[int]:
@@ -125,7 +126,9 @@ class _Runner:
         return {name: {s: [r[s] for r in rows] for s in SCORE_NAMES} for name, rows in per_row.items()}
 
     def choices(self, sets: Dict[str, List]) -> Dict[str, float]:
-        sets = {k: v for k, v in sets.items() if _has_options(v)}
+        """Multiple-choice accuracy (%) per set, over its rows that carry options (sets
+        without any are left out)."""
+        sets = {k: _with_options(v) for k, v in sets.items()}
         per_row = self._cached("mc", self.model, sets, lambda rows: multiple_choice_accuracy(
             self.model, self.adapter, rows, tokenizer=self.tokenizer, batch_size=self.batch_size,
             backend=self.backend, **self.kw)["correct"])
@@ -222,12 +225,13 @@ def evaluate_sets(model, adapter, tokenizer, sets: Dict[str, Sequence], *, task=
     * every set: "n" and the mean of every likelihood score (``SCORE_NAMES``: loss,
       probability, perplexity, zlib, min_k, min_k_plus_plus, exact_memorization,
       answer_logprob, num_tokens) from one fused pass over all sets;
-    * sets whose rows carry options: "mc_accuracy";
+    * sets with rows that carry options: "mc_accuracy" over those rows;
     * with ``generate``: "answer_accuracy" (reference contained), "rouge_l", "rouge1",
       "diversity", and with ``task`` + ``concept``: "efficacy" (% answers not naming
       the concept) and "names_own_concept" (% answers naming the row's own concept);
-    * a pseudo-set "mia": ``mia_auc_<score>`` of "forget*" vs "holdout*" rows of the
-      same kind (e.g. forget_vqa vs holdout_vqa), when both exist.
+    * a pseudo-set "mia": ``mia_auc_<score><suffix>`` of "forget<suffix>" vs
+      "holdout<suffix>" (or "test<suffix>", MLLMU-Bench's held-out split) rows, e.g.
+      forget_vqa vs holdout_vqa, when both exist.
     """
     sets = {name: subsample(rows, max_examples) for name, rows in sets.items()}
     run = _Runner(model, adapter, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, k=k,
@@ -254,9 +258,9 @@ def evaluate_sets(model, adapter, tokenizer, sets: Dict[str, Sequence], *, task=
     for fname in sc:
         if not fname.startswith("forget"):
             continue
-        hname = "holdout" + fname[len("forget"):]
-        if hname in sc:
-            suffix = fname[len("forget"):]
+        suffix = fname[len("forget"):]
+        hname = next((h + suffix for h in ("holdout", "test") if h + suffix in sc), None)
+        if hname is not None:
             for key, v in mia_aucs(sc[fname], sc[hname], MIA_SCORES).items():
                 mia[key + suffix] = v
     if mia:

@@ -59,7 +59,8 @@ def generate_greedy(model, adapter, batch: dict, *, max_new_tokens: int = 32, eo
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs tokenizer= to decode the generated text")
-    if "attention_mask" in batch and batch["attention_mask"].shape[0] and not bool(batch["attention_mask"][:, -1].all()):
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.shape[0] and not bool(mask[:, -1].all()):
         raise ValueError("batch is right-padded; collate prompts with padding_side='left' for generation")
     batch = to_model(batch, model)
     inputs = forward_inputs(model, batch, adapter)

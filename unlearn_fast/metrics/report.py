@@ -8,8 +8,9 @@ eval.json::
                             "summary": {"<metric>": value, ...}}}}   # summary: with a concept
 
 Values are numbers or null (a metric whose set was empty).  :func:`load_results` also
-reads ``unlearn-fast run`` style files ({method: {metric: value}} or {"methods": {...}}),
-whose rows become each method's "summary".
+reads ``unlearn-fast run``'s results.json ({"base": {"lm": row}, "methods": [{"method":
+name, ...}, ...]}; the base row becomes model "base") and plain {method: {metric: value}}
+files; their rows become each model's "summary".
 """
 from __future__ import annotations
 
@@ -68,14 +69,25 @@ def load_results(path: str, label: Optional[str] = None) -> Dict[str, dict]:
             obj = json.load(f)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not JSON ({exc})") from exc
+    numeric = lambda row: {k: v for k, v in row.items()  # noqa: E731
+                           if (isinstance(v, (int, float)) and not isinstance(v, bool)) or v is None}
     if isinstance(obj, dict) and obj.get("schema") == SCHEMA:
         models = obj["models"]
+    elif isinstance(obj, dict) and isinstance(obj.get("methods"), list):
+        # ``unlearn-fast run``'s results.json: {"base": {"lm": row, "clip": row}, "methods": [row, ...]}
+        models = {}
+        for kind, row in (obj.get("base") or {}).items():
+            if isinstance(row, dict):
+                models["base" if kind == "lm" else f"base-{kind}"] = {"summary": numeric(row)}
+        for row in obj["methods"]:
+            if not isinstance(row, dict) or "method" not in row:
+                raise ValueError(f"{path}: every entry of 'methods' needs a 'method' name")
+            models[str(row["method"])] = {"summary": numeric(row)}
     else:
         table = obj.get("methods", obj) if isinstance(obj, dict) else None
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
             raise ValueError(f"{path}: expected an eval.json or a {{method: {{metric: value}}}} results file")
-        models = {m: {"summary": {k: v for k, v in row.items() if isinstance(v, (int, float)) or v is None}}
-                  for m, row in table.items()}
+        models = {m: {"summary": numeric(row)} for m, row in table.items()}
     if label is not None:
         if len(models) != 1:
             raise ValueError(f"{path}: a label applies to a file with one model; it has {len(models)}")
@@ -120,21 +132,50 @@ def format_table(models: Mapping[str, Mapping]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _bars(ax, labels: Sequence[str], values: Sequence, title: str):
-    xs = range(len(labels))
-    vals = [float("nan") if v is None else float(v) for v in values]
-    ax.bar(list(xs), [0 if math.isnan(v) else v for v in vals],
-           color=[f"C{i % 10}" for i in xs])
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+SET_PLOT_METRICS = ("mc_accuracy", "answer_accuracy", "efficacy", "loss", "min_k", "exact_memorization")
+
+
+def _grouped(ax, groups: Sequence[str], series: Sequence[str], value, title: str) -> None:
+    """Bars of value(series, group): one cluster per group, one colour per series."""
+    width = 0.8 / max(1, len(series))
+    for i, name in enumerate(series):
+        vals = [value(name, g) for g in groups]
+        ax.bar([j + i * width for j in range(len(groups))], [0.0 if v is None else float(v) for v in vals],
+               width=width, color=f"C{i % 10}", label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=7)
     ax.set_title(title, fontsize=8)
     ax.tick_params(axis="y", labelsize=7)
 
 
+def _figure(plt, items, draw, path: str, title: str, legend: bool) -> Optional[str]:
+    """A grid of small axes, one per item, drawn by ``draw(ax, item)``; fixed margins
+    (matplotlib's tight_layout costs seconds per figure)."""
+    if not items:
+        return None
+    cols = min(4, len(items))
+    rows = (len(items) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.5 * rows + 0.6), squeeze=False)
+    for ax, item in zip(axes.flat, items):
+        draw(ax, item)
+    for ax in list(axes.flat)[len(items):]:
+        ax.axis("off")
+    if legend:
+        handles, names = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=min(6, len(names)), fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.5 / (2.5 * rows + 0.6), bottom=0.6 / (2.5 * rows + 0.6) + 0.1,
+                        wspace=0.35, hspace=0.75)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_report(models: Mapping[str, Mapping], out_dir: str, before: Optional[str] = None) -> List[str]:
-    """Per-metric bars across models/methods (summary.png, set_<name>.png) and, with
-    two or more models, before/after bars (before_after.png: ``before`` = the first
-    model unless named) of the summary metrics, or of each set's main metrics."""
+    """summary.png: one panel per summary metric, a bar per model / method;
+    sets.png: one panel per main set metric (accuracies, efficacy, LOSS, Min-K%, exact
+    memorisation), clusters = evaluation sets, bars = models; before_after.png (two or
+    more models): ``before`` (default: the first model) against the others."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,73 +183,28 @@ def plot_report(models: Mapping[str, Mapping], out_dir: str, before: Optional[st
 
     os.makedirs(out_dir, exist_ok=True)
     labels = list(models)
-    written = []
-
-    def grid(items, path, title):
-        if not items:
-            return
-        cols = min(4, len(items))
-        rows = (len(items) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-        for ax, (name, vals) in zip(axes.flat, items):
-            _bars(ax, labels, vals, name)
-        for ax in list(axes.flat)[len(items):]:
-            ax.axis("off")
-        fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-    summary_keys = _ordered([k for m in labels for k in (models[m].get("summary") or {})
-                             if not k.startswith("num_")], SUMMARY_ORDER)
-    grid([(k, [(models[m].get("summary") or {}).get(k) for m in labels]) for k in summary_keys],
-         os.path.join(out_dir, "summary.png"), "per-method metrics")
-    sets = list(dict.fromkeys(s for m in labels for s in (models[m].get("sets") or {})))
-    for s in sets:
-        keys = _ordered([k for m in labels for k in ((models[m].get("sets") or {}).get(s) or {}) if k != "n"],
-                        SET_ORDER)
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in s)
-        grid([(k, [((models[m].get("sets") or {}).get(s) or {}).get(k) for m in labels]) for k in keys],
-             os.path.join(out_dir, f"set_{safe}.png"), f"set {s}")
+    if before is not None and before not in models:
+        raise ValueError(f"before={before!r} is not one of the models {labels}")
+    summ = lambda m, k: (models[m].get("summary") or {}).get(k)  # noqa: E731
+    sets = list(dict.fromkeys(s for m in labels for s in (models[m].get("sets") or {}) if s != "mia"))
+    setv = lambda m, s, k: ((models[m].get("sets") or {}).get(s) or {}).get(k)  # noqa: E731
+    summary_keys = [k for k in SUMMARY_ORDER if any(summ(m, k) is not None for m in labels)]
+    set_keys = [k for k in SET_PLOT_METRICS if any(setv(m, s, k) is not None for m in labels for s in sets)]
+    written = [
+        _figure(plt, summary_keys, lambda ax, k: _grouped(ax, [""], labels, lambda m, _g: summ(m, k), k),
+                os.path.join(out_dir, "summary.png"), "per-method metrics", legend=True),
+        _figure(plt, set_keys, lambda ax, k: _grouped(ax, sets, labels, lambda m, s: setv(m, s, k), k),
+                os.path.join(out_dir, "sets.png"), "metrics per evaluation set", legend=True),
+    ]
     if len(labels) >= 2:
-        written += _plot_before_after(models, out_dir, before or labels[0], plt)
-    return written
-
-
-def _plot_before_after(models, out_dir, before, plt) -> List[str]:
-    if before not in models:
-        raise ValueError(f"before={before!r} is not one of the models {list(models)}")
-    after = [m for m in models if m != before]
-    base = models[before]
-    if base.get("summary"):
-        items = [(k, None) for k in _ordered(base["summary"], SUMMARY_ORDER) if not k.startswith("num_")]
-        get = lambda m, k, _s: (models[m].get("summary") or {}).get(k)  # noqa: E731
-    else:
-        items = [(k, s) for s, mets in (base.get("sets") or {}).items()
-                 for k in ("mc_accuracy", "answer_accuracy", "loss", "min_k") if k in mets]
-        get = lambda m, k, s: ((models[m].get("sets") or {}).get(s) or {}).get(k)  # noqa: E731
-    if not items:
-        return []
-    cols = min(4, len(items))
-    rows = (len(items) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    width = 0.8 / (len(after) + 1)
-    for ax, (k, s) in zip(axes.flat, items):
-        series = [before] + after
-        for i, m in enumerate(series):
-            v = get(m, k, s)
-            ax.bar([i * width], [0 if v is None else v], width=width, color=f"C{i % 10}", label=m)
-        ax.set_xticks([])
-        ax.set_title(k if s is None else f"{s}: {k}", fontsize=8)
-        ax.tick_params(axis="y", labelsize=7)
-    for ax in list(axes.flat)[len(items):]:
-        ax.axis("off")
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(6, len(names)), fontsize=7)
-    fig.suptitle(f"before ({before}) / after", fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    path = os.path.join(out_dir, "before_after.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+        ref = before or labels[0]
+        order = [ref] + [m for m in labels if m != ref]
+        if summary_keys:
+            items = summary_keys
+            draw = lambda ax, k: _grouped(ax, [""], order, lambda m, _g: summ(m, k), k)  # noqa: E731
+        else:
+            items = set_keys
+            draw = lambda ax, k: _grouped(ax, sets, order, lambda m, s: setv(m, s, k), k)  # noqa: E731
+        written.append(_figure(plt, items, draw, os.path.join(out_dir, "before_after.png"),
+                               f"before ({ref}) / after", legend=True))
+    return [p for p in written if p]

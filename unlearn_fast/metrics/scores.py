@@ -74,7 +74,8 @@ def scores_from_token_stats(logprob: torch.Tensor, mean_logp: torch.Tensor, std_
     give NaN (num_tokens 0).  ``zlib_lengths`` (B,) enables "zlib"."""
     k = _check_k(k)
     m = mask.bool()
-    f = lambda x: torch.where(m, x.to(torch.float64), torch.zeros((), dtype=torch.float64, device=x.device))  # noqa: E731
+    zero = torch.zeros((), dtype=torch.float64, device=m.device)
+    f = lambda x: torch.where(m, x.to(torch.float64), zero)  # noqa: E731  (answer positions only)
     lp = f(logprob)
     n = m.sum(-1).to(torch.float64)
     nan = torch.full_like(n, math.nan)
@@ -235,7 +236,8 @@ def fluency(model, adapter, examples, reference_answers: Sequence[str], excluded
         raise TypeError("reference_answers must be strings")
     excluded = _token_id_tensor(excluded_token_ids, "excluded_token_ids")
     # Answers that are empty after stripping have no token to score; they carry no weight.
-    items = [replace(e, answer=r) for e, r in zip(examples, refs) if r.strip()]
+    items = [replace(e, answer=r, target_phrase="", options=(), answer_index=None)
+             for e, r in zip(examples, refs) if r.strip()]
 
     def nll(local: List) -> List[Tuple[float, int]]:
         out: List = [None] * len(local)
