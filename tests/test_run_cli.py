@@ -153,7 +153,7 @@ def _bad_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["model_missing", "data_missing", "bad_row", "concept", "backbone", "llama",
-                                  "out_in_model", "multidelete_on_llava", "bad_set"])
+                                  "out_in_model", "multidelete_on_llava", "bad_set", "bad_global_set"])
 def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case):
     out = tmp_path / "out"
     args = {"model": assets["llava"], "data": assets["data"], "concept": "seven", "method": "ga", "extra": []}
@@ -167,6 +167,7 @@ def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case)
         "out_in_model": (None, None, "overlaps the input model folder"),
         "multidelete_on_llava": ("method", "multidelete", "runs on a CLIPModel"),
         "bad_set": (None, None, "ga has no hyperparameter(s) ['betta']"),
+        "bad_global_set": (None, None, "no selected method has a hyperparameter 'betta'"),
     }[case]
     key, value, message = expect
     if case == "bad_row":
@@ -179,6 +180,8 @@ def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case)
         out = os.path.join(assets["llava"], "results")
     elif case == "bad_set":
         args["extra"] = ["--set", "ga.betta=1"]
+    elif case == "bad_global_set":
+        args["extra"] = ["--set", "betta=1"]
     if key:
         args[key] = value
     argv = ["run", "--method", args["method"], "--model", args["model"], "--data", args["data"],

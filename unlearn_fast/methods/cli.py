@@ -229,6 +229,9 @@ def _prepare(args) -> dict:
     sets = _parse_sets(args.set)
     methods = list(ALL_METHODS) if args.method == "all" else [args.method]
     overrides = {m: _overrides(m, sets, args) for m in methods}
+    for key in sets.get("*", {}):
+        if not any(key in overrides[m] for m in methods):
+            raise RunError(f"--set {key}=...: no selected method has a hyperparameter {key!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise RunError(f"--device must be cpu or cuda, got {device!r}")
@@ -316,7 +319,7 @@ def _execute(args, plan) -> int:
 
 
 def _evaluate(model, tokenizer, task, concept, args, reference=None) -> dict:
-    from unlearn_fast.metrics.evaluate import evaluate_pairs, evaluate_task
+    from unlearn_fast.metrics import evaluate_pairs, evaluate_task
     from unlearn_fast.models.adapters import CLIPAdapter, get_adapter
 
     adapter = get_adapter(model)
