@@ -1,6 +1,5 @@
 """The data substrate: built-in digits task, SIU rows, JSONL format and its errors, tokenizer."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -102,7 +101,8 @@ def _small_task():
     task = load_builtin_task()
     import dataclasses
 
-    keep = [e for e in task.examples if e.concept in ("one", "two") and (e.kind == "text" or int(e.id.split("-")[1]) < 60)]
+    keep = [e for e in task.examples
+            if e.concept in ("one", "two") and (e.kind == "text" or int(e.id.split("-")[1]) < 60)]
     return dataclasses.replace(task, examples=keep,
                                concepts={k: task.concepts[k] for k in ("one", "two")})
 

@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="builtin",
                    help="'builtin' (the cached tiny LLaVA / CLIP trained on the digits task) or a save_pretrained "
                         "folder of a LlavaForConditionalGeneration, Qwen2-VL or CLIPModel (never written to)")
-    p.add_argument("--data", default="builtin", help="'builtin' (digits) or a JSONL dataset (see unlearn_fast.data.jsonl)")
+    p.add_argument("--data", default="builtin",
+                   help="'builtin' (digits) or a JSONL dataset (see unlearn_fast.data.jsonl)")
     p.add_argument("--concept", default=None, help="the concept to forget (default for the built-in data: seven)")
     p.add_argument("--backend", default="auto", choices=["auto", "eager", "cpp", "triton", "cuda"],
                    help="backend of the fused losses ('eager' = the logits-materialising baseline)")
@@ -58,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (created; an interrupted run in it resumes)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="hyperparameter override, e.g. lr=1e-3 or siu.preset=reference (repeatable)")
-    p.add_argument("--lora", type=int, default=None, help="LoRA rank for the language-model methods (0: full fine-tuning)")
+    p.add_argument("--lora", type=int, default=None,
+                   help="LoRA rank for the language-model methods (0: full fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])

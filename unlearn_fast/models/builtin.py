@@ -37,8 +37,8 @@ CLIP_DIR = "builtin-clip-digits-v2"
 
 
 def cache_dir(path: Optional[str] = None) -> str:
-    return path or os.environ.get("UNLEARN_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                          "unlearn_fast")
+    default = os.path.join(os.path.expanduser("~"), ".cache", "unlearn_fast")
+    return path or os.environ.get("UNLEARN_FAST_CACHE") or default
 
 
 @contextlib.contextmanager
