@@ -272,7 +272,8 @@ class MMUnlearner(Method):
         pres_language = self._fisher(trainer, "preserve_language")
         is_vision = self.ctx.adapter.is_vision_parameter
         self.mask = mmunlearner_mask(named, forget, pres_vision, pres_language, is_vision,
-                                     threshold=float(self.hp["threshold"]), eps=float(self.hp["eps"]))
+                                     threshold=float(self.hp["threshold"]), eps=float(self.hp["eps"]),
+                                     backend=self.ctx.backend)
         self.preserve = mmunlearner_preserve_fisher(named, pres_vision, pres_language, is_vision)
         every = self.hp["forget_every"]
         if every == "ratio":  # k = |D_r| / |D_f| (the paper)
@@ -284,7 +285,7 @@ class MMUnlearner(Method):
         """Diagonal Fisher: the mean over batches of the squared CE gradient."""
         from unlearn_fast.methods._pending_ops import FisherAccumulator
 
-        acc = FisherAccumulator(trainer.named_params)
+        acc = FisherAccumulator(trainer.named_params, backend=self.ctx.backend)
         stream = self.data.stream(which)
         for i in range(min(int(self.hp["fisher_batches"]), stream.per_epoch)):
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -308,7 +309,8 @@ class MMUnlearner(Method):
             def masked(grads):
                 transform_gradients_(grads, self.mask, mode=self.hp["mode"],
                                      preserve_fisher=self.preserve if self.hp["mode"] == "geometry" else None,
-                                     lam=float(self.hp["lam"]), max_norm=trainer.cfg.max_grad_norm)
+                                     lam=float(self.hp["lam"]), max_norm=trainer.cfg.max_grad_norm,
+                                     backend=self.ctx.backend)
 
             terms.update(trainer.update(forget_loss, grad_transform=masked))
             terms.pop("loss", None)
