@@ -25,6 +25,31 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _nvcc_version(nvcc: str):
+    """(major, minor) of ``nvcc``, or None if it cannot be read."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _default_gencode_flags(nvcc: str):
+    """Cubins for A100 (sm_80) and H100 (sm_90a, needs CUDA >= 12), plus compute_90 PTX
+    that the driver JIT-compiles on newer GPUs.  TORCH_CUDA_ARCH_LIST overrides these."""
+    flags = ["-gencode=arch=compute_80,code=sm_80"]
+    version = _nvcc_version(nvcc)
+    if version is not None and version >= (12, 0):
+        flags += ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90,code=compute_90"]
+    else:
+        flags += ["-gencode=arch=compute_80,code=compute_80"]
+    return flags
+
+
 def _native_extensions():
     if _env_flag("UNLEARN_FAST_NO_NATIVE"):
         print("unlearn_fast: UNLEARN_FAST_NO_NATIVE set, skipping native builds "
@@ -63,8 +88,8 @@ def _native_extensions():
             for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")) + glob.glob(os.path.join(ROOT, "kernels", "*.cu")))
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
         nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
-        if not archs:
-            nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+        if not archs:  # torch adds no -gencode of its own when the flags carry one
+            nvcc_flags += _default_gencode_flags(nvcc)
         exts.append(CUDAExtension("unlearn_fast._C_cuda", cuda_sources,
                                   include_dirs=include_dirs + [os.path.join(ROOT, "kernels")],
                                   extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags}))

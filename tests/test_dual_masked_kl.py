@@ -123,24 +123,54 @@ def test_gradient_formula_matches_spec():
     assert torch.allclose(g, expected, atol=1e-12)
 
 
-@needs_cpp
 @pytest.mark.parametrize("backend", ["eager"] + FAST)
-def test_gradcheck_float64(backend):
-    s = torch.randn(5, 23, dtype=torch.float64, requires_grad=True)
-    t = torch.randn(5, 23, dtype=torch.float64)
-    ks, kv = torch.rand(5) > 0.3, torch.rand(23) > 0.3
-    if backend == "eager":
-        fn = lambda x: uf.dual_masked_kl(x, t, ks, kv, reduction="sum", temperature=1.3, backend="eager")  # noqa: E731
-        assert torch.autograd.gradcheck(fn, (s,))
-    else:
-        # The fused kernels compute in float32: check their analytic gradient against
-        # float64 finite differences of the float64 oracle instead.
-        fd = torch.autograd.functional.jacobian(
-            lambda x: uf.dual_masked_kl(x, t, ks, kv, reduction="sum", temperature=1.3, backend="eager"), s)
-        x = s.detach().float().requires_grad_()
-        out = uf.dual_masked_kl(x, t.float(), ks, kv, reduction="sum", temperature=1.3, backend=backend)
-        (g,) = torch.autograd.grad(out, x)
-        assert rel_err(g, fd) < 1e-5
+@pytest.mark.parametrize("form,reduction", [("kl", "sum"), ("cross_entropy", "none")])
+def test_gradcheck_float64(backend, form, reduction):
+    """torch.autograd.gradcheck in float64 (cpp runs its double kernel), leading batch dims."""
+    s = torch.randn(2, 3, 23, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 23, dtype=torch.float64)
+    ks, kv = torch.rand(2, 3) > 0.3, torch.rand(23) > 0.3
+
+    def fn(x):
+        return uf.dual_masked_kl(x, t, ks, kv, form=form, reduction=reduction, temperature=1.3, backend=backend)
+
+    assert fn(s).dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, (s,))
+
+
+@needs_cpp
+def test_cpp_float64_matches_oracle_to_double_precision():
+    s, t = torch.randn(9, 3001, dtype=torch.float64) * 5, torch.randn(9, 3001, dtype=torch.float64) * 5
+    ks, kv = torch.rand(9) > 0.2, torch.rand(3001) > 0.2
+    go = torch.randn(9, dtype=torch.float64)
+    for form in ("kl", "cross_entropy"):
+        ref, gref = _oracle(s, t, ks, kv, form, "none", 0.9, go)
+        out, g = _run(s, t, ks, kv, form, "none", 0.9, "cpp", go)
+        assert out.dtype == torch.float64 and g.dtype == torch.float64
+        assert rel_err(out, ref) < 1e-12 and rel_err(g, gref) < 1e-12
+
+
+def test_float64_backend_rule(monkeypatch):
+    """float64: cpp/eager run it; auto keeps cpp on the CPU; a float32-only backend raises
+    when named and is replaced by eager (with one warning) under auto."""
+    from unlearn_fast.ops import dual_masked_kl as dmk
+
+    s, t = torch.randn(3, 17, dtype=torch.float64), torch.randn(3, 17, dtype=torch.float64)
+    if FAST:
+        assert dmk._backend_for("auto", s.device, torch.float64) == "cpp"
+    if backends.availability("triton").available:
+        with pytest.raises(TypeError, match="float64"):
+            uf.dual_masked_kl(s, t, backend="triton")
+    monkeypatch.setattr(dmk.backends, "resolve", lambda op, backend, device: "triton")
+    monkeypatch.setattr(dmk, "_FLOAT64_FALLBACK_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="eager"):
+        assert dmk._backend_for("auto", s.device, torch.float64) == "eager"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dmk._backend_for("auto", s.device, torch.float64) == "eager"
+        assert dmk._backend_for("auto", s.device, torch.float32) == "triton"
 
 
 @pytest.mark.parametrize("backend", ["eager"] + FAST)
@@ -229,7 +259,21 @@ def test_module_form():
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(temperature=float("nan")), ValueError, "temperature"),
     (dict(backend="tpu"), ValueError, "backend"),
+    (dict(backend=3), TypeError, "backend"),
     (dict(teacher_logits="x"), TypeError, "teacher_logits"),
+    (dict(student_logits=[[1.0, 2.0]]), TypeError, "student_logits"),
+    (dict(teacher_logits=torch.randint(0, 5, (4, 10))), TypeError, "teacher_logits"),
+    (dict(student_logits=torch.ones(4, 10, dtype=torch.bool)), TypeError, "student_logits"),
+    (dict(student_logits=torch.randn(4, 10, dtype=torch.complex64)), TypeError, "student_logits"),
+    (dict(student_logits=torch.randn(4, 0), teacher_logits=torch.randn(4, 0)), ValueError, "student_logits"),
+    (dict(student_logits=torch.tensor(1.0), teacher_logits=torch.tensor(1.0)), ValueError, "student_logits"),
+    (dict(token_mask=torch.ones(4, 10, dtype=torch.bool)), ValueError, "token_mask"),
+    (dict(token_mask=[1, 1, 1, 1]), TypeError, "token_mask"),
+    (dict(vocab_mask=torch.ones(4, 10, dtype=torch.bool)), ValueError, "vocab_mask"),
+    (dict(forget_token_ids=torch.tensor([3, 10])), ValueError, "forget_token_ids"),
+    (dict(forget_token_ids=["a"]), TypeError, "forget_token_ids"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(temperature=torch.tensor(2.0)), TypeError, "temperature"),
 ])
 def test_bad_input_raises_clear_errors(bad, exc, match):
     kwargs = dict(student_logits=torch.randn(4, 10), teacher_logits=torch.randn(4, 10))
@@ -243,6 +287,10 @@ def test_device_mismatch_is_reported():
     t = torch.randn(2, 5, device="meta")
     with pytest.raises(ValueError, match="teacher_logits"):
         uf.dual_masked_kl(s, t)
+    with pytest.raises(ValueError, match="token_mask"):
+        uf.dual_masked_kl(s, s, torch.ones(2, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="vocab_mask"):
+        uf.dual_masked_kl(s, s, vocab_mask=torch.ones(5, dtype=torch.bool, device="meta"))
 
 
 def test_unavailable_backend_raises_with_reason():

@@ -42,6 +42,11 @@ def _cmd_info(args) -> int:
     if native is not None:
         bi = native.build_info()
         print(f"C++ extension: openmp={bi['openmp']} threads={bi['openmp_threads']} simd={bi['simd']}")
+    native_cuda = backends.native_cuda()
+    if native_cuda is not None:
+        ci = native_cuda.build_info()
+        print(f"CUDA extension: toolkit={ci['cuda_toolkit']} runtime={ci['cuda_runtime']} driver={ci['cuda_driver']} "
+              f"archs={ci['archs']} devices={ci['device_count']}")
     print(f"{'backend':<8} {'available':<10} {'devices':<10} reason")
     for name, row in table.items():
         print(f"{name:<8} {'yes' if row['available'] else 'no':<10} {','.join(row['devices']):<10} {row['reason']}")
@@ -98,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            # the subcommand's module (or its package) is not written yet
+            if exc.name != module and not module.startswith(f"{exc.name}."):
                 raise
             p.set_defaults(func=lambda a, n=name: _not_ready(n))
             continue

@@ -21,6 +21,10 @@
 // (lse = max + log_sum): at logits of 1e4 an fp32 lse is off by up to half an ulp
 // (5e-4), which would become a 5e-4 relative error in every probability, whereas
 // (x - max) is exact and log_sum is small.
+//
+// Both kernels are templates over the compute type F: float (the fast path for
+// fp32/bf16/fp16 logits, fast_exp, vectorised) and double (float64 logits: std::exp and
+// double accumulation, for gradcheck and float64 training loops).
 #pragma once
 
 #include <algorithm>
@@ -32,30 +36,38 @@
 
 namespace uf {
 
-// Per-row statistics saved for backward, in this order (kDmkStats floats per row).
+// Per-row statistics saved for backward, in this order (kDmkStats values per row).
 constexpr int kDmkStats = 5;
-struct DmkRowStats {
-  float loss;     // KL or CE for the row (before the token mask)
-  float max_a;    // max of s / T
-  float logsum_a; // log sum exp(s / T - max_a)
-  float max_b;    // max of t / T
-  float logsum_b; // log sum exp(t / T - max_b)
-  float kept;     // S = sum_v K_V p
+template <typename F>
+struct DmkRowStatsT {
+  F loss;      // KL or CE for the row (before the token mask)
+  F max_a;     // max of s / T
+  F logsum_a;  // log sum exp(s / T - max_a)
+  F max_b;     // max of t / T
+  F logsum_b;  // log sum exp(t / T - max_b)
+  F kept;      // S = sum_v K_V p
 };
+using DmkRowStats = DmkRowStatsT<float>;
 
 constexpr int64_t kDmkBlock = 2048;
 
+// The exponential of the row kernels: the vectorisable polynomial in float, std::exp in double.
+#pragma omp declare simd notinbranch
+UF_ALWAYS_INLINE float dmk_exp(float x) { return fast_exp(x); }
+inline double dmk_exp(double x) { return std::exp(x); }
+
 // kv == nullptr means K_V = 1 everywhere.
-inline DmkRowStats dmk_row_forward(const float* s, const float* t, const float* kv, int64_t V,
-                                   float inv_t, bool cross_entropy) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  float ma = neg_inf, mb = neg_inf;
-  float sa = 0.f, sb = 0.f, ks = 0.f, w = 0.f, e = 0.f;
+template <typename F>
+inline DmkRowStatsT<F> dmk_row_forward(const F* s, const F* t, const float* kv, int64_t V, F inv_t,
+                                       bool cross_entropy) {
+  const F neg_inf = -std::numeric_limits<F>::infinity();
+  F ma = neg_inf, mb = neg_inf;
+  F sa = 0, sb = 0, ks = 0, w = 0, e = 0;
   for (int64_t start = 0; start < V; start += kDmkBlock) {
     const int64_t n = std::min(kDmkBlock, V - start);
-    const float* sblk = s + start;
-    const float* tblk = t + start;
-    float bma = neg_inf, bmb = neg_inf;
+    const F* sblk = s + start;
+    const F* tblk = t + start;
+    F bma = neg_inf, bmb = neg_inf;
 #pragma omp simd reduction(max : bma, bmb)
     for (int64_t i = 0; i < n; ++i) {
       bma = std::max(bma, sblk[i] * inv_t);
@@ -66,13 +78,13 @@ inline DmkRowStats dmk_row_forward(const float* s, const float* t, const float* 
       mb = bmb;
     } else {
       if (bma > ma) {  // d = (b - mb) - (a - ma) grows by the rise of ma
-        sa *= fast_exp(ma - bma);
+        sa *= dmk_exp(ma - bma);
         w += ks * (bma - ma);
         ma = bma;
       }
       if (bmb > mb) {  // every exp(b - mb) shrinks by r, d and (b - mb) fall by the rise
-        const float rise = bmb - mb;
-        const float r = fast_exp(-rise);
+        const F rise = bmb - mb;
+        const F r = dmk_exp(-rise);
         w = r * (w - ks * rise);
         e = r * (e - ks * rise);
         ks *= r;
@@ -80,16 +92,16 @@ inline DmkRowStats dmk_row_forward(const float* s, const float* t, const float* 
         mb = bmb;
       }
     }
-    float bsa = 0.f, bsb = 0.f, bks = 0.f, bw = 0.f, be = 0.f;
+    F bsa = 0, bsb = 0, bks = 0, bw = 0, be = 0;
     if (kv != nullptr) {
       const float* kvblk = kv + start;
 #pragma omp simd reduction(+ : bsa, bsb, bks, bw, be)
       for (int64_t i = 0; i < n; ++i) {
-        const float da = sblk[i] * inv_t - ma;
-        const float db = tblk[i] * inv_t - mb;
-        const float ea = fast_exp(da);
-        const float eb = fast_exp(db);
-        const float keb = kvblk[i] * eb;
+        const F da = sblk[i] * inv_t - ma;
+        const F db = tblk[i] * inv_t - mb;
+        const F ea = dmk_exp(da);
+        const F eb = dmk_exp(db);
+        const F keb = static_cast<F>(kvblk[i]) * eb;
         bsa += ea;
         bsb += eb;
         bks += keb;
@@ -99,10 +111,10 @@ inline DmkRowStats dmk_row_forward(const float* s, const float* t, const float* 
     } else {
 #pragma omp simd reduction(+ : bsa, bsb, bw, be)
       for (int64_t i = 0; i < n; ++i) {
-        const float da = sblk[i] * inv_t - ma;
-        const float db = tblk[i] * inv_t - mb;
-        const float ea = fast_exp(da);
-        const float eb = fast_exp(db);
+        const F da = sblk[i] * inv_t - ma;
+        const F db = tblk[i] * inv_t - mb;
+        const F ea = dmk_exp(da);
+        const F eb = dmk_exp(db);
         bsa += ea;
         bsb += eb;
         bw += eb * (db - da);
@@ -116,10 +128,10 @@ inline DmkRowStats dmk_row_forward(const float* s, const float* t, const float* 
     w += bw;
     e += be;
   }
-  const float log_sa = std::log(sa), log_sb = std::log(sb);
-  const float kept = ks / sb;
-  const float kl = w / sb + kept * (log_sa - log_sb);
-  DmkRowStats out;
+  const F log_sa = std::log(sa), log_sb = std::log(sb);
+  const F kept = ks / sb;
+  const F kl = w / sb + kept * (log_sa - log_sb);
+  DmkRowStatsT<F> out;
   out.loss = cross_entropy ? kl - (e / sb - kept * log_sb) : kl;
   out.max_a = ma;
   out.logsum_a = log_sa;
@@ -130,21 +142,21 @@ inline DmkRowStats dmk_row_forward(const float* s, const float* t, const float* 
 }
 
 // g[v] = scale * (q_v * S - K_V(v) * p_v), scale = grad_row * K_S / T.
-inline void dmk_row_backward(const float* s, const float* t, const float* kv, int64_t V, float inv_t,
-                             float max_a, float logsum_a, float max_b, float logsum_b, float kept, float scale,
-                             float* g) {
+template <typename F>
+inline void dmk_row_backward(const F* s, const F* t, const float* kv, int64_t V, F inv_t, F max_a, F logsum_a,
+                             F max_b, F logsum_b, F kept, F scale, F* g) {
   if (kv != nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < V; ++i) {
-      const float q = fast_exp((s[i] * inv_t - max_a) - logsum_a);
-      const float p = fast_exp((t[i] * inv_t - max_b) - logsum_b);
-      g[i] = scale * (q * kept - kv[i] * p);
+      const F q = dmk_exp((s[i] * inv_t - max_a) - logsum_a);
+      const F p = dmk_exp((t[i] * inv_t - max_b) - logsum_b);
+      g[i] = scale * (q * kept - static_cast<F>(kv[i]) * p);
     }
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < V; ++i) {
-      const float q = fast_exp((s[i] * inv_t - max_a) - logsum_a);
-      const float p = fast_exp((t[i] * inv_t - max_b) - logsum_b);
+      const F q = dmk_exp((s[i] * inv_t - max_a) - logsum_a);
+      const F p = dmk_exp((t[i] * inv_t - max_b) - logsum_b);
       g[i] = scale * (q * kept - p);
     }
   }

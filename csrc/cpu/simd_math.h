@@ -12,10 +12,18 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__GNUC__)
+#define UF_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define UF_ALWAYS_INLINE inline
+#endif
+
 namespace uf {
 
+// Always inlined: in a large caller GCC may otherwise stop inlining, and a vectorised
+// loop then calls the SIMD clone through the PLT, or falls back to a scalar loop.
 #pragma omp declare simd notinbranch
-inline float fast_exp(float x) {
+UF_ALWAYS_INLINE float fast_exp(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kC1 = 0.693359375f;
   const float kC2 = -2.12194440e-4f;

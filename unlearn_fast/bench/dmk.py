@@ -27,6 +27,11 @@ def _loss_fn(provider: str, forget_ids):
 def run(args, recorder) -> None:
     device = bench_device(args)
     providers = bench_providers(args, "dual_masked_kl", device)
+    wanted = (getattr(args, "backends", None) or "").split(",")
+    if args.quick and "compile" in providers and "compile" not in wanted:
+        # compiling four graphs takes longer than the rest of a quick run together
+        providers.remove("compile")
+        print("  (--quick: torch.compile provider skipped; add --backends eager,compile,... to include it)")
     shapes = QUICK_SHAPES if args.quick else SHAPES
     reps = 2 if args.quick else 5
     bandwidth = measured_bandwidth(device)

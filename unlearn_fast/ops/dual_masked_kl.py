@@ -14,6 +14,7 @@ dtype and never allocate anything of size tokens x vocab besides the gradient it
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,7 +27,9 @@ from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, reduce_rows
 OP = "dual_masked_kl"
 FORMS = ("kl", "cross_entropy")
 DMK_REDUCTIONS = ("none", "sum", "mean", "siu")
-# Row statistics a fused forward saves for backward (float32 (N, 5)):
+# Backends with a float64 kernel (the others compute in float32 and take fp32/bf16/fp16).
+FLOAT64_BACKENDS = ("eager", "cpp")
+# Row statistics a fused forward saves for backward (float32 (N, 5); float64 for float64 logits):
 #   max(s/T), log sum exp(s/T - max), max(t/T), log sum exp(t/T - max), S = sum K_V p.
 # Maxima and log-sums are kept apart because an fp32 lse of logits near 1e4 is off by
 # up to 5e-4, an error every recomputed probability would inherit.
@@ -67,10 +70,15 @@ def _dmk_fwd(student: torch.Tensor, teacher: torch.Tensor, token_mask: Optional[
     return impl.forward(student, teacher, token_mask, vocab_mask, inv_temperature, cross_entropy)
 
 
+def _accumulator_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the fused kernels' rows and statistics: float64 for float64 logits, else float32."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
 @_dmk_fwd.register_fake
 def _(student, teacher, token_mask, vocab_mask, inv_temperature, cross_entropy, backend):
-    n = student.shape[0]
-    return student.new_empty((n,), dtype=torch.float32), student.new_empty((n, STATS_PER_ROW), dtype=torch.float32)
+    n, acc = student.shape[0], _accumulator_dtype(student.dtype)
+    return student.new_empty((n,), dtype=acc), student.new_empty((n, STATS_PER_ROW), dtype=acc)
 
 
 @torch.library.custom_op("unlearn_fast::dual_masked_kl_bwd", mutates_args=())
@@ -97,7 +105,7 @@ def _backward(ctx, grad_loss, _grad_stats):
     student, teacher, token_mask, vocab_mask, stats = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None, None, None
-    grad_rows = grad_loss.to(torch.float32).contiguous()
+    grad_rows = grad_loss.to(stats.dtype).contiguous()
     grad = _dmk_bwd(grad_rows, student, teacher, token_mask, vocab_mask, stats, ctx.inv_temperature, ctx.backend)
     return grad, None, None, None, None, None, None
 
@@ -133,6 +141,28 @@ backends.register(OP, "triton")(KernelPair(
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
+_FLOAT64_FALLBACK_WARNED: set = set()
+
+
+def _backend_for(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs: ``backends.resolve`` plus the float64 rule.
+
+    float64 logits run on a backend with a float64 kernel (FLOAT64_BACKENDS: eager, cpp).
+    An explicit backend without one raises TypeError; "auto" keeps its choice when it has
+    one (cpp on the CPU) and otherwise runs eager, warning once per device."""
+    name = backends.resolve(OP, backend, device)
+    if dtype != torch.float64 or name in FLOAT64_BACKENDS:
+        return name
+    if backend != "auto":
+        raise TypeError(f"student_logits: float64 logits run on the {' or '.join(FLOAT64_BACKENDS)} backends; "
+                        f"the {name!r} kernels take float32/bfloat16/float16")
+    if device.type not in _FLOAT64_FALLBACK_WARNED:
+        _FLOAT64_FALLBACK_WARNED.add(device.type)
+        warnings.warn(f"unlearn_fast: dual_masked_kl on float64 {device.type} logits runs on the eager backend "
+                      f"(the {name!r} kernels have no float64 path)", RuntimeWarning, stacklevel=3)
+    return "eager"
+
+
 def build_vocab_mask(vocab_size: int, vocab_mask: Optional[torch.Tensor] = None,
                      forget_token_ids: Union[None, Sequence[int], torch.Tensor] = None,
                      device: Union[str, torch.device, None] = None) -> Optional[torch.Tensor]:
@@ -177,12 +207,13 @@ def dual_masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             none are kept);  "siu" -> sum / (kept positions x V), the reference code's Z.
         temperature: T > 0 divides both logits.
         backend: "auto" (fastest available for the device), "eager", "cpp", "triton" or
-            "cuda".  See ``unlearn-fast info``.
+            "cuda".  See ``unlearn-fast info``.  float64 logits run on "eager" or "cpp"
+            (a double kernel); "auto" picks cpp on the CPU and eager on CUDA for them.
 
     Returns:
         A float32 tensor (float64 for float64 logits), accumulated in float32 by the fused
-        backends whatever the input dtype.  Masks are applied after the softmax; p and q
-        are not renormalised.
+        backends for fp32/bf16/fp16 input (in float64 for float64 input).  Masks are
+        applied after the softmax; p and q are not renormalised.
     """
     V.check_tensor(student_logits, "student_logits", floating=True)
     V.check_tensor(teacher_logits, "teacher_logits", floating=True)
@@ -202,10 +233,8 @@ def dual_masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     teacher = teacher_logits.reshape(-1, vocab)
     cross_entropy = form == "cross_entropy"
 
-    name = backends.resolve(OP, backend, device)
-    if name == "eager" or student.dtype == torch.float64:
-        if name != "eager" and backend != "auto":
-            raise TypeError("float64 logits run on the eager backend only (the fused kernels are float32/bf16/fp16)")
+    name = _backend_for(backend, device, student.dtype)
+    if name == "eager":
         rows = reference_rows(student, teacher, ks, kv, inv_temperature, cross_entropy)
     else:
         rows, _stats = _dmk_fwd(student.contiguous(), teacher.detach().contiguous(), ks, kv,
