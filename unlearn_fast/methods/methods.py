@@ -262,7 +262,7 @@ class MMUnlearner(Method):
                     fisher_batches=8, retain_weight=1.0)
 
     def prepare(self, trainer):
-        from unlearn_fast.methods._pending_ops import mmunlearner_mask, mmunlearner_preserve_fisher
+        from unlearn_fast.saliency import mmunlearner_mask, mmunlearner_preserve_fisher
 
         if self.hp["mode"] not in ("mask", "geometry"):
             raise ValueError(f"mmunlearner: mode must be 'mask' or 'geometry', got {self.hp['mode']!r}")
@@ -283,7 +283,7 @@ class MMUnlearner(Method):
 
     def _fisher(self, trainer, which: str) -> List[torch.Tensor]:
         """Diagonal Fisher: the mean over batches of the squared CE gradient."""
-        from unlearn_fast.methods._pending_ops import FisherAccumulator
+        from unlearn_fast.saliency import FisherAccumulator
 
         acc = FisherAccumulator(trainer.named_params, backend=self.ctx.backend)
         stream = self.data.stream(which)
@@ -298,7 +298,7 @@ class MMUnlearner(Method):
         return acc.mean()
 
     def train_step(self, trainer, step):
-        from unlearn_fast.methods._pending_ops import transform_gradients_
+        from unlearn_fast.saliency import transform_gradients_
 
         terms = {}
         if step % self.every == 0:
