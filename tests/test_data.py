@@ -1,6 +1,5 @@
 """The data substrate: built-in digits task, SIU rows, JSONL format and its errors, tokenizer."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -78,6 +77,20 @@ def test_siu_rows_from_one_image():
         build_siu_examples(_without_names(task), "three")
 
 
+def test_siu_default_image_is_the_most_typical():
+    from unlearn_fast.data.siu import representative_image
+
+    task = load_builtin_task()
+    rows = task.forget_set("five")
+    pick = representative_image(rows)
+    assert pick in rows
+    grey = np.stack([r.image[..., 0].astype(np.float64) for r in rows])
+    dist = np.linalg.norm((grey - grey.mean(0)).reshape(len(rows), -1), axis=1)
+    assert dist[rows.index(pick)] <= np.percentile(dist, 5)  # (resampling makes it approximate)
+    align = [r for r in build_siu_examples(task, "five") if r.image is not None]
+    assert all(r.image is pick.image for r in align)
+
+
 def _without_names(task):
     import dataclasses
 
@@ -88,7 +101,8 @@ def _small_task():
     task = load_builtin_task()
     import dataclasses
 
-    keep = [e for e in task.examples if e.concept in ("one", "two") and (e.kind == "text" or int(e.id.split("-")[1]) < 60)]
+    keep = [e for e in task.examples
+            if e.concept in ("one", "two") and (e.kind == "text" or int(e.id.split("-")[1]) < 60)]
     return dataclasses.replace(task, examples=keep,
                                concepts={k: task.concepts[k] for k in ("one", "two")})
 

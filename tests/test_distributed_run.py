@@ -43,7 +43,12 @@ def test_two_gloo_processes_equal_one(tmp_path):
     out_path = str(tmp_path / "ddp.pt")
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), out_path, os.path.dirname(__file__)), nprocs=2, join=True)
     ddp = torch.load(out_path)
-    single = _train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers
+    try:
+        single = _train()
+    finally:
+        torch.set_num_threads(threads)
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-7)
     for name, w in single["state"].items():
         torch.testing.assert_close(ddp["state"][name], w, rtol=1e-5, atol=1e-6, msg=name)

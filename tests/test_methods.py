@@ -158,7 +158,7 @@ def test_siu_backends_agree():
 
 
 def test_mmunlearner_mask_and_masked_ascent():
-    from unlearn_fast.methods._pending_ops import transform_gradients_
+    from unlearn_fast.saliency import transform_gradients_
 
     task, tok = task_and_tokenizer()
     method, model, ctx, hp = build_lm_method("mmunlearner", tiny_llava(), tok, task, CONCEPT,
@@ -178,7 +178,7 @@ def test_mmunlearner_mask_and_masked_ascent():
         return acc
 
     ff, fv, fl = fisher("forget"), fisher("retain_vqa"), fisher("preserve_language")
-    dense = method.mask.to_dense() if hasattr(method.mask, "to_dense") else method.mask
+    dense = method.mask.to_dense()
     is_vision = [ctx.adapter.is_vision_parameter(n) for n, _ in trainer.named_params]
     assert any(is_vision) and not all(is_vision)
     n_sel = 0
@@ -197,11 +197,11 @@ def test_mmunlearner_mask_and_masked_ascent():
     assert moved_outside == 0 and moved_inside > 0
 
 
-@pytest.mark.parametrize("mode", ["mask", "geometry"])
-def test_mmunlearner_runs(mode):
+def test_mmunlearner_geometry_runs():
     task, tok = task_and_tokenizer()
     res = run_lm_method("mmunlearner", tiny_llava(), tok, task, CONCEPT, progress=False,
-                        overrides={"steps": 3, "batch_size": 4, "fisher_batches": 2, "forget_every": 2, "mode": mode})
+                        overrides={"steps": 3, "batch_size": 2, "fisher_batches": 1, "forget_every": 2,
+                                   "mode": "geometry"})
     assert [h["step"] for h in res.history] == [1, 2, 3]
     assert "forget_ce" in res.history[0] and "forget_ce" not in res.history[1] and "retain_ce" in res.history[1]
 
@@ -240,7 +240,7 @@ def test_multidelete_terms_match_eager():
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     task, tok = task_and_tokenizer()
     base = tiny_llava()
-    kw = dict(overrides={"steps": 4, "batch_size": 3, "lr": 1e-3}, progress=False)
+    kw = dict(overrides={"steps": 4, "batch_size": 2, "lr": 1e-3}, progress=False)
     straight = run_lm_method("graddiff", base, tok, task, CONCEPT, **kw)
 
     class Stop(Exception):

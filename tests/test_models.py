@@ -1,12 +1,10 @@
 """Model adapters on tiny random configs of the real classes: image-token expansion and
 mask alignment, hidden states + lm_head == the model's logits, vision/language parameter
 split, LoRA with the reference shared (no copy), CLIP embeddings, errors."""
-import numpy as np
 import pytest
 import torch
 
 from tiny_models import task_and_tokenizer, tiny_clip, tiny_llava, tiny_qwen2vl
-from unlearn_fast.data import Example
 from unlearn_fast.models import (Reference, UnsupportedModelError, apply_lora, get_adapter, lora_target_modules,
                                  unwrap)
 
@@ -153,7 +151,8 @@ def test_clip_adapter():
     torch.testing.assert_close(torch.nn.functional.normalize(img, dim=-1), out.image_embeds, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.nn.functional.normalize(txt, dim=-1), out.text_embeds, rtol=1e-5, atol=1e-6)
     # pooled at </s>: captions differing only before </s> give different embeddings
-    assert (txt[0] - a.text_embeds(model, *a.collate_captions(["a handwritten digit two"], tok).values())[0]).abs().max() > 0
+    other = a.collate_captions(["a handwritten digit two"], tok)
+    assert (txt[0] - a.text_embeds(model, other["input_ids"], other["attention_mask"])[0]).abs().max() > 0
     with pytest.raises(UnsupportedModelError, match="without an lm_head"):
         a.lm_head(model)
     with pytest.raises(ValueError, match="3 images but 2 captions"):

@@ -57,7 +57,8 @@ def _digest(folder):
 
 def _run(assets, out, *extra, method="ga", model="llava"):
     argv = ["run", "--method", method, "--model", assets[model], "--data", assets["data"], "--concept", "seven",
-            "--out", str(out), "--eval-max-examples", "4", "--throughput-steps", "1", "--no-progress",
+            "--out", str(out), "--eval-max-examples", "3", "--max-new-tokens", "4", "--throughput-steps", "1",
+            "--no-progress", "--threads", "1",
             "--set", "batch_size=2", *extra]
     return cli_main(argv)
 
@@ -152,7 +153,7 @@ def _bad_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["model_missing", "data_missing", "bad_row", "concept", "backbone", "llama",
-                                  "out_in_model", "multidelete_on_llava", "bad_set"])
+                                  "out_in_model", "multidelete_on_llava", "bad_set", "bad_global_set"])
 def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case):
     out = tmp_path / "out"
     args = {"model": assets["llava"], "data": assets["data"], "concept": "seven", "method": "ga", "extra": []}
@@ -166,6 +167,7 @@ def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case)
         "out_in_model": (None, None, "overlaps the input model folder"),
         "multidelete_on_llava": ("method", "multidelete", "runs on a CLIPModel"),
         "bad_set": (None, None, "ga has no hyperparameter(s) ['betta']"),
+        "bad_global_set": (None, None, "no selected method has a hyperparameter 'betta'"),
     }[case]
     key, value, message = expect
     if case == "bad_row":
@@ -178,6 +180,8 @@ def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case)
         out = os.path.join(assets["llava"], "results")
     elif case == "bad_set":
         args["extra"] = ["--set", "ga.betta=1"]
+    elif case == "bad_global_set":
+        args["extra"] = ["--set", "betta=1"]
     if key:
         args[key] = value
     argv = ["run", "--method", args["method"], "--model", args["model"], "--data", args["data"],

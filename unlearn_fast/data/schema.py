@@ -126,7 +126,8 @@ class UnlearningTask:
         for key, c in self.concepts.items():
             if key.lower() == name.lower() or name.lower() in (v.lower() for v in c.variants):
                 return c
-        raise ValueError(f"concept {name!r} is not in task {self.name!r}; available: {', '.join(sorted(self.concepts))}")
+        raise ValueError(f"concept {name!r} is not in task {self.name!r}; "
+                         f"available: {', '.join(sorted(self.concepts))}")
 
     def select(self, concept: Optional[str] = None, kind: Optional[str] = None,
                splits: Optional[Sequence[str]] = None, exclude_concept: Optional[str] = None) -> List[Example]:

@@ -30,13 +30,29 @@ def replace_name(text: str, variants, new_name: str) -> Optional[str]:
     return out if n else None
 
 
+def representative_image(rows: List[Example], size: int = 32) -> Example:
+    """The row whose image is closest (L2, greyscale, resized to ``size`` x ``size``) to
+    the mean image of ``rows``: a typical picture of the concept, as a benchmark would
+    pick a clear photo.  Model-free and uses only the given (trained-on) rows."""
+    import torch
+
+    imgs = []
+    for r in rows:
+        x = torch.from_numpy(np.ascontiguousarray(r.image)).float().mean(-1)[None, None] / 255.0
+        imgs.append(torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                                    antialias=True)[0, 0])
+    stack = torch.stack(imgs)
+    d = (stack - stack.mean(0)).flatten(1).norm(dim=1)
+    return rows[int(d.argmin())]
+
+
 def build_siu_examples(task: UnlearningTask, concept: str, image_example: Optional[Example] = None, *,
                        new_name: Optional[str] = None, description: Optional[str] = None,
                        other_facts: int = 12, seed: int = 0) -> List[Example]:
     """The four kinds of SIU rows for ``concept`` from one image.
 
-    ``image_example``: the single forget image (default: the concept's first trained-on
-    VQA row).  ``new_name`` / ``description`` default to the task's
+    ``image_example``: the single forget image (default: the concept's most typical
+    trained-on image, :func:`representative_image`).  ``new_name`` / ``description`` default to the task's
     ``fictitious_names`` / ``descriptions`` for the concept (a ValueError says so when
     the task has none).  ``other_facts``: how many text rows of other concepts (kind 4).
     """
@@ -45,7 +61,7 @@ def build_siu_examples(task: UnlearningTask, concept: str, image_example: Option
         rows = task.forget_set(c.name, kind="vqa")
         if not rows:
             raise ValueError(f"concept {c.name!r} has no image rows to unlearn from (split train/forget)")
-        image_example = rows[0]
+        image_example = representative_image(rows)
     if image_example.image is None:
         raise ValueError("SIU needs an image example (kind 'vqa'), got a text row")
     new_name = new_name or task.fictitious_names.get(c.name)

@@ -1,12 +1,13 @@
 """TEMPORARY: eager stand-ins for ops that other branches are landing
-(fused_linear -> branch fusedlinear, saliency -> branch saliency, modality -> branch
-modality).  Each name is the real op when importable; otherwise a plain-PyTorch version
-with the same signature and semantics (the subset the methods use).  Delete this file
-once main has all three, and import the real ones where this module is imported.
+(fused_linear -> branch fusedlinear, modality -> branch modality; saliency has landed and
+is imported directly).  Each name is the real op when importable; otherwise a
+plain-PyTorch version with the same signature and semantics (the subset the methods
+use).  Delete this file once main has both, and import the real ones where this module
+is imported (methods/lm.py, methods/multidelete.py).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -28,64 +29,6 @@ except ModuleNotFoundError as _exc:
         t = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
         return dual_masked_kl(s, t.detach(), token_mask, vocab_mask, forget_token_ids=forget_token_ids, form=form,
                               reduction=reduction, temperature=temperature, backend=backend)
-
-# ---------------------------------------------------------------- saliency
-try:
-    from unlearn_fast.saliency import (FisherAccumulator, mmunlearner_mask, mmunlearner_preserve_fisher,
-                                       transform_gradients_)
-except ModuleNotFoundError as _exc:
-    if _exc.name != "unlearn_fast.saliency":
-        raise
-
-    class FisherAccumulator:  # type: ignore[no-redef]
-        def __init__(self, params, *, backend: str = "auto", dtype=torch.float32):
-            named = list(params)
-            self.names = [n for n, _ in named]
-            self.params = [p for _, p in named]
-            self.fisher = [torch.zeros(p.shape, dtype=dtype, device=p.device) for p in self.params]
-            self.num_batches = 0
-
-        def accumulate(self, grads=None, scale: float = 1.0):
-            grads = [p.grad for p in self.params] if grads is None else grads
-            with torch.no_grad():
-                for f, g in zip(self.fisher, grads):
-                    if g is not None:
-                        f.add_(g.float().square(), alpha=scale)
-            self.num_batches += 1
-            return self
-
-        def mean(self) -> List[torch.Tensor]:
-            if self.num_batches == 0:
-                raise RuntimeError("FisherAccumulator.mean(): nothing accumulated yet")
-            return [f / self.num_batches for f in self.fisher]
-
-    def _pick(named_params, is_vision, fv, fl):
-        return [a if is_vision(n) else b for (n, _), a, b in zip(named_params, fv, fl)]
-
-    def mmunlearner_preserve_fisher(named_params, preserve_fisher_vision, preserve_fisher_language, is_vision):
-        named = [(n, p) for n, p in named_params if p.requires_grad]
-        return _pick(named, is_vision, list(preserve_fisher_vision), list(preserve_fisher_language))
-
-    def mmunlearner_mask(named_params, forget_fisher, preserve_fisher_vision, preserve_fisher_language, is_vision,
-                         threshold: float = 1.0, eps: float = 1e-15, **_):
-        named = [(n, p) for n, p in named_params if p.requires_grad]
-        preserve = _pick(named, is_vision, list(preserve_fisher_vision), list(preserve_fisher_language))
-        return [((ff + eps) / (fp + eps)) >= threshold for ff, fp in zip(forget_fisher, preserve)]
-
-    def transform_gradients_(grads, mask=None, mode: str = "mask", preserve_fisher=None, lam: float = 1.0,
-                             project_out=None, max_norm: Optional[float] = None, *, backend: str = "auto"):
-        with torch.no_grad():
-            if max_norm is not None:
-                total = torch.sqrt(sum(g.float().square().sum() for g in grads))
-                coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-                for g in grads:
-                    g.mul_(coef.to(g.dtype))
-            for i, g in enumerate(grads):
-                if mask is not None:
-                    g.mul_(mask[i].to(g.dtype))
-                if mode == "geometry":
-                    g.div_((preserve_fisher[i] + lam).to(g.dtype))
-        return None
 
 # ---------------------------------------------------------------- modality decoupling
 try:

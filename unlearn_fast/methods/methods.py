@@ -53,7 +53,14 @@ class MethodData:
     batch_size: int = 8
     seed: int = 0
     name_token_ids: List[int] = field(default_factory=list)
+    device: Optional[torch.device] = None  # batches are moved here (the model's device)
     _streams: Dict[str, BatchStream] = field(default_factory=dict)
+
+    def collate_to_device(self, rows: List[Example]) -> dict:
+        batch = self.collate(rows)
+        if self.device is None or self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def rows(self, which: str) -> List[Example]:
         t, c = self.task, self.concept
@@ -76,12 +83,14 @@ class MethodData:
 
             return [dataclasses.replace(e, answer=t.refusal, options=(), answer_index=None, target_phrase="")
                     for e in t.forget_set(c, kind="vqa")]
+        if which == "siu_image":  # SIU's one training image under each question (efficacy)
+            return [r for r in self.rows("siu") if r.target_phrase and r.target_phrase != r.answer]
         raise KeyError(which)
 
     def stream(self, which: str, batch_size: Optional[int] = None) -> BatchStream:
         key = f"{which}:{batch_size}"
         if key not in self._streams:
-            self._streams[key] = BatchStream(self.rows(which), batch_size or self.batch_size, self.collate,
+            self._streams[key] = BatchStream(self.rows(which), batch_size or self.batch_size, self.collate_to_device,
                                              seed=self.seed + zlib.crc32(which.encode()) % 1000, name=which)
         return self._streams[key]
 
@@ -198,9 +207,10 @@ class SIU(Method):
     name = "siu"
     needs_reference = True
     # the paper: LoRA, lr 3e-4, batch 4, ~6 steps on LLaVA-7B; the tiny built-in model
-    # needs a larger step size and more steps (tuned on the built-in task)
-    DEFAULTS = dict(lr=3e-3, steps=40, batch_size=4, lora=8, preset="default", ce_weight=None, dmk_weight=None,
-                    form=None, reduction=None, dmk_positions=None)
+    # needs a larger step size and more steps (tuned over all ten built-in concepts)
+    DEFAULTS = dict(lr=5e-3, steps=60, schedule="cosine", batch_size=4, lora=8, preset="default", ce_weight=None,
+                    dmk_weight=None,
+                    form=None, reduction=None, dmk_positions=None, augment_shift=0)
 
     def __init__(self, ctx, data, **hp):
         super().__init__(ctx, data, **hp)
@@ -215,8 +225,26 @@ class SIU(Method):
             raise ValueError("siu needs the concept name's token ids (K_V)")
         self.vocab_mask = ctx.vocab_mask(data.name_token_ids)
 
+    def siu_batch(self, i: int) -> dict:
+        stream = self.data.stream("siu")
+        shift = int(self.hp["augment_shift"])
+        if not shift:
+            return stream(i)
+        # optional: random translations of the ONE image (the rows stay the same)
+        import dataclasses
+
+        import numpy as np
+
+        from unlearn_fast.models.builtin import shift_image
+
+        rng = np.random.default_rng([self.data.seed, int(i)])
+        rows = [stream.rows[k] for k in stream.indices(i)]
+        rows = [dataclasses.replace(r, image=shift_image(r.image, rng, shift)) if r.image is not None else r
+                for r in rows]
+        return self.data.collate_to_device(rows)
+
     def losses(self, i):
-        b = self.batch("siu", i)
+        b = self.siu_batch(i)
         h = self.ctx.hidden(b)
         ce = self.ctx.ce(b, h)
         base = answer_mask(b) if self.hp["dmk_positions"] == "answer" else attended_mask(b)
@@ -234,7 +262,7 @@ class MMUnlearner(Method):
                     fisher_batches=8, retain_weight=1.0)
 
     def prepare(self, trainer):
-        from unlearn_fast.methods._pending_ops import mmunlearner_mask, mmunlearner_preserve_fisher
+        from unlearn_fast.saliency import mmunlearner_mask, mmunlearner_preserve_fisher
 
         if self.hp["mode"] not in ("mask", "geometry"):
             raise ValueError(f"mmunlearner: mode must be 'mask' or 'geometry', got {self.hp['mode']!r}")
@@ -244,7 +272,8 @@ class MMUnlearner(Method):
         pres_language = self._fisher(trainer, "preserve_language")
         is_vision = self.ctx.adapter.is_vision_parameter
         self.mask = mmunlearner_mask(named, forget, pres_vision, pres_language, is_vision,
-                                     threshold=float(self.hp["threshold"]), eps=float(self.hp["eps"]))
+                                     threshold=float(self.hp["threshold"]), eps=float(self.hp["eps"]),
+                                     backend=self.ctx.backend)
         self.preserve = mmunlearner_preserve_fisher(named, pres_vision, pres_language, is_vision)
         every = self.hp["forget_every"]
         if every == "ratio":  # k = |D_r| / |D_f| (the paper)
@@ -254,9 +283,9 @@ class MMUnlearner(Method):
 
     def _fisher(self, trainer, which: str) -> List[torch.Tensor]:
         """Diagonal Fisher: the mean over batches of the squared CE gradient."""
-        from unlearn_fast.methods._pending_ops import FisherAccumulator
+        from unlearn_fast.saliency import FisherAccumulator
 
-        acc = FisherAccumulator(trainer.named_params)
+        acc = FisherAccumulator(trainer.named_params, backend=self.ctx.backend)
         stream = self.data.stream(which)
         for i in range(min(int(self.hp["fisher_batches"]), stream.per_epoch)):
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -269,7 +298,7 @@ class MMUnlearner(Method):
         return acc.mean()
 
     def train_step(self, trainer, step):
-        from unlearn_fast.methods._pending_ops import transform_gradients_
+        from unlearn_fast.saliency import transform_gradients_
 
         terms = {}
         if step % self.every == 0:
@@ -280,7 +309,8 @@ class MMUnlearner(Method):
             def masked(grads):
                 transform_gradients_(grads, self.mask, mode=self.hp["mode"],
                                      preserve_fisher=self.preserve if self.hp["mode"] == "geometry" else None,
-                                     lam=float(self.hp["lam"]), max_norm=trainer.cfg.max_grad_norm)
+                                     lam=float(self.hp["lam"]), max_norm=trainer.cfg.max_grad_norm,
+                                     backend=self.ctx.backend)
 
             terms.update(trainer.update(forget_loss, grad_transform=masked))
             terms.pop("loss", None)

@@ -70,7 +70,8 @@ def build_lm_method(name: str, base_model, tokenizer, task, concept: str, *, bac
     c = task.concept(concept)
     data = MethodData(task, c.name, functools.partial(adapter.collate, tokenizer=tokenizer),
                       batch_size=int(hp["batch_size"]), seed=seed,
-                      name_token_ids=name_token_ids(tokenizer, c.variants))
+                      name_token_ids=name_token_ids(tokenizer, c.variants),
+                      device=next(model.parameters()).device)
     method = cls(ctx, data, **overrides)
     return method, model, ctx, method.hp
 

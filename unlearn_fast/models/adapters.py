@@ -310,7 +310,8 @@ class CLIPAdapter(ModelAdapter):
         m = unwrap(model)
         return m.text_projection(m.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output)
 
-    def collate_pairs(self, images: Sequence[np.ndarray], captions: Sequence[str], tokenizer) -> Dict[str, torch.Tensor]:
+    def collate_pairs(self, images: Sequence[np.ndarray], captions: Sequence[str],
+                      tokenizer) -> Dict[str, torch.Tensor]:
         if len(images) != len(captions):
             raise ValueError(f"got {len(images)} images but {len(captions)} captions")
         batch = self.collate_captions(captions, tokenizer)

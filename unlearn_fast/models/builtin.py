@@ -37,8 +37,8 @@ CLIP_DIR = "builtin-clip-digits-v2"
 
 
 def cache_dir(path: Optional[str] = None) -> str:
-    return path or os.environ.get("UNLEARN_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                          "unlearn_fast")
+    default = os.path.join(os.path.expanduser("~"), ".cache", "unlearn_fast")
+    return path or os.environ.get("UNLEARN_FAST_CACHE") or default
 
 
 @contextlib.contextmanager
@@ -59,13 +59,16 @@ def builtin_tokenizer(task: UnlearningTask):
 
 
 def tiny_llava_config(tokenizer, *, text_hidden: int = 64, text_layers: int = 2, vision_hidden: int = 48,
-                      vision_layers: int = 2, image_size: int = 8, patch_size: int = 2):
+                      vision_layers: int = 2, image_size: int = 8, patch_size: int = 2,
+                      vocab_size: Optional[int] = None):
+    """A small LLaVA config over ``tokenizer`` (``vocab_size``: a wider head than the
+    tokenizer, e.g. 32000 for benchmarks; the extra ids are never produced by it)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden,
                               intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
                               num_attention_heads=4, projection_dim=vision_hidden)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+    text = LlamaConfig(vocab_size=max(vocab_size or 0, len(tokenizer)), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
                        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=4,
                        max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
