@@ -73,6 +73,20 @@ def _cmd_bench(args) -> int:
     return 0 if ran else 1
 
 
+def _add_suite_arguments(parser: argparse.ArgumentParser, suites) -> None:
+    """Suite-specific flags: each suite module may define ``add_arguments(parser)``."""
+    for name in suites:
+        try:
+            mod = importlib.import_module(f"unlearn_fast.bench.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"unlearn_fast.bench.{name}":
+                raise
+            continue
+        if hasattr(mod, "add_arguments"):
+            group = parser.add_argument_group(f"suite {name}")
+            mod.add_arguments(group)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from unlearn_fast.bench import SUITES
 
@@ -91,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default=None, help="comma-separated dtypes (float32,bfloat16)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(eager) provider")
+    _add_suite_arguments(p, SUITES)
     p.set_defaults(func=_cmd_bench)
 
     for name, (module, help_text) in _COMMANDS.items():
@@ -98,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            if exc.name != module and not module.startswith(f"{exc.name}."):  # a missing package is "not ready"
                 raise
             p.set_defaults(func=lambda a, n=name: _not_ready(n))
             continue
