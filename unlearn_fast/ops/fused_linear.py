@@ -52,13 +52,10 @@ from unlearn_fast import backends
 from unlearn_fast.ops import _validation as V
 from unlearn_fast.ops import dual_masked_kl as dmk
 from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, reduce_rows, reduce_total
-from unlearn_fast.ops.token_stats import _chunk_logits
+from unlearn_fast.ops._linear_head import add_bias_grad, add_weight_grad, chunk_logits, refuse_second_backward, scaled
 
 OP = "fused_linear_dual_masked_kl"
 CHUNK_BYTES = 64 * 2**20
-# Vocabulary rows per partial product when a low-precision weight gradient is summed in
-# float32 (as csrc/linear_chunk.h).
-WEIGHT_GRAD_SLAB = 4096
 
 
 def default_chunk_size(vocab_size: int, itemsize: int = 4, num_tokens: Optional[int] = None) -> int:
@@ -75,16 +72,12 @@ def default_chunk_size(vocab_size: int, itemsize: int = 4, num_tokens: Optional[
 # Eager reference: full logits, then dual_masked_kl's eager formulation.  The "eager"
 # backend, the benchmark baseline and (in float64) the test oracle.
 # --------------------------------------------------------------------------------------
-def _logits(hidden, weight, bias):
-    return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
-
-
 def reference_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
                      token_mask, vocab_mask, inv_temperature: float, cross_entropy: bool) -> torch.Tensor:
     """Per-row losses (N,) with ordinary autograd; the teacher side is detached."""
-    student = _logits(student_hidden, student_weight, student_bias)
+    student = chunk_logits(student_hidden, student_weight, student_bias)
     with torch.no_grad():
-        teacher = _logits(teacher_hidden, teacher_weight, teacher_bias)
+        teacher = chunk_logits(teacher_hidden, teacher_weight, teacher_bias)
     return dmk.reference_rows(student, teacher, token_mask, vocab_mask, inv_temperature, cross_entropy)
 
 
@@ -94,16 +87,6 @@ def reference_linear(student_hidden, student_weight, teacher_hidden, teacher_wei
 #   rows.forward(student, teacher, token_mask, vocab_mask, inv_t, cross_entropy) -> (loss (n,), stats (n, 5))
 #   rows.backward(grad_rows, student, teacher, token_mask, vocab_mask, stats, inv_t) -> grad (n, V), input dtype
 # --------------------------------------------------------------------------------------
-def _add_weight_grad(grad_weight32: torch.Tensor, g: torch.Tensor, hc: torch.Tensor) -> None:
-    """grad_weight32 (V, H) float32 += g^T @ hc; low-precision GEMMs on vocabulary slabs,
-    each chunk's partial product summed in float32 (see csrc/linear_chunk.h)."""
-    if g.dtype == torch.float32:
-        grad_weight32.addmm_(g.t(), hc)
-        return
-    for v0 in range(0, g.shape[1], WEIGHT_GRAD_SLAB):
-        grad_weight32[v0:v0 + WEIGHT_GRAD_SLAB] += g[:, v0:v0 + WEIGHT_GRAD_SLAB].t() @ hc
-
-
 def _slice(mask: Optional[torch.Tensor], c0: int, n: int) -> Optional[torch.Tensor]:
     return None if mask is None else mask[c0:c0 + n]
 
@@ -124,8 +107,8 @@ def chunked_forward(rows: KernelPair, sh, sw, th, tw, sb, tb, ks, kv, inv_t: flo
     for c0 in range(0, n_tok, c):
         n = min(c, n_tok - c0)
         hc = sh[c0:c0 + n]
-        s = _chunk_logits(hc, sw, sb, out=sbuf[:n])
-        t = _chunk_logits(th[c0:c0 + n], tw, tb, out=tbuf[:n])
+        s = chunk_logits(hc, sw, sb, out=sbuf[:n])
+        t = chunk_logits(th[c0:c0 + n], tw, tb, out=tbuf[:n])
         ksc = _slice(ks, c0, n)
         loss[c0:c0 + n], stats[c0:c0 + n] = rows.forward(s, t, ksc, kv, inv_t, cross_entropy)
         if grad_hidden or grad_weight or grad_bias:
@@ -133,9 +116,9 @@ def chunked_forward(rows: KernelPair, sh, sw, th, tw, sb, tb, ks, kv, inv_t: flo
             if grad_hidden:
                 torch.matmul(g, sw, out=gh[c0:c0 + n])
             if grad_weight:
-                _add_weight_grad(gw, g, hc)
+                add_weight_grad(gw, g, hc)
             if grad_bias:
-                gb += g.sum(0, dtype=torch.float32)
+                add_bias_grad(gb, g)
     return loss, stats, gh, gw.to(sw.dtype) if grad_weight else gw, gb.to(sw.dtype) if grad_bias else gb
 
 
@@ -152,13 +135,13 @@ def chunked_backward(rows: KernelPair, grad_rows, sh, sw, th, tw, sb, tb, ks, kv
         for c0 in range(0, n_tok, c):
             n = min(c, n_tok - c0)
             hc = sh[c0:c0 + n]
-            s = _chunk_logits(hc, sw, sb, out=sbuf[:n])
-            t = _chunk_logits(th[c0:c0 + n], tw, tb, out=tbuf[:n])
+            s = chunk_logits(hc, sw, sb, out=sbuf[:n])
+            t = chunk_logits(th[c0:c0 + n], tw, tb, out=tbuf[:n])
             g = rows.backward(grad_rows[c0:c0 + n], s, t, _slice(ks, c0, n), kv, stats[c0:c0 + n], inv_t)
             if grad_weight:
-                _add_weight_grad(gw, g, hc)
+                add_weight_grad(gw, g, hc)
             if grad_bias:
-                gb += g.sum(0, dtype=torch.float32)
+                add_bias_grad(gb, g)
     return gw.to(sw.dtype) if grad_weight else gw, gb.to(sw.dtype) if grad_bias else gb
 
 
@@ -226,40 +209,23 @@ def _fl_setup(ctx, inputs, output):
     ctx.save_for_backward(sh, sw, th, tw, sb, tb, ks, kv, stats, gh, gw, gb)
     ctx.inv_t, ctx.chunk_size, ctx.summed, ctx.backend = inv_t, chunk_size, summed, backend
     ctx.has_bias = sb is not None
-    ctx.gradients_handed_out = False
     ctx.mark_non_differentiable(rows if summed else total, stats, gh, gw, gb)
-
-
-def _scaled(precomputed: torch.Tensor, scale: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """precomputed * scale (a 0-d float32 tensor, applied in float32 math).  In place for
-    the (V, H) weight gradient, so no second copy of it exists (the backward then refuses
-    a second pass through the graph)."""
-    return precomputed.mul_(scale) if in_place else precomputed * scale
 
 
 def _fl_backward(ctx, g_rows, g_total, _g_stats, _g_gh, _g_gw, _g_gb):
     out = [None] * _N_FWD_INPUTS
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[4]
-    if ctx.summed and (need_w or need_b) and ctx.gradients_handed_out:
-        raise RuntimeError("fused_linear_dual_masked_kl: the weight gradient computed in the forward was already "
-                           "handed to an earlier backward through this graph; compute the loss again for a second "
-                           "backward (or use reduction='none')")
+    if ctx.summed and (need_w or need_b):
+        refuse_second_backward(ctx, "fused_linear_dual_masked_kl")
     sh, sw, th, tw, sb, tb, ks, kv, stats, gh, gw, gb = ctx.saved_tensors
     if ctx.summed:
         if g_total is None:
             return tuple(out)
         scale = g_total.to(torch.float32)
-        if need_h:
-            out[0] = _scaled(gh, scale, in_place=False)
-        if need_w or need_b:
-            # compiled graphs are functional: scale out of place there
-            in_place = not torch.compiler.is_compiling()
-            ctx.gradients_handed_out = in_place
-            if need_w:
-                out[1] = _scaled(gw, scale, in_place)
-            if need_b:
-                out[4] = _scaled(gb, scale, in_place)
+        out[0] = scaled(gh, scale) if need_h else None
+        out[1] = scaled(gw, scale, ctx) if need_w else None
+        out[4] = scaled(gb, scale, ctx) if need_b else None
         return tuple(out)
     if g_rows is None:
         return tuple(out)
