@@ -287,11 +287,11 @@ def test_module_form():
 
 
 def test_default_chunk_size_rule():
-    for vocab, itemsize in ((32000, 2), (32000, 4), (151936, 2), (151936, 4), (97, 4)):
-        c = fl.default_chunk_size(vocab, itemsize)
+    for vocab in (32000, 151936, 4099, 97):
+        c = fl.default_chunk_size(vocab)
         assert c % 8 == 0 and c >= 8
-        assert c == 8 or 2 * c * vocab * itemsize <= fl.CHUNK_BYTES < 2 * (c + 8) * vocab * itemsize
-    assert fl.default_chunk_size(32000, 2, num_tokens=5) == 5
+        assert c == 8 or 4 * c * vocab <= fl.CHUNK_BYTES < 4 * (c + 8) * vocab
+    assert fl.default_chunk_size(32000, num_tokens=5) == 5
 
 
 def test_float64_runs_eager_and_explicit_fast_refuses():

@@ -31,13 +31,15 @@ How the fused backends compute it (cpp, cuda, triton):
   the hidden gradient, 1 more for a trainable head; 3 more with reduction="none" and a
   trainable head) with row passes that read each logits chunk once or twice.
 
-Chunk size (``default_chunk_size``): the two logits buffers take at most
-``CHUNK_BYTES`` = 64 MiB, i.e. chunk = 64 MiB / (2 x V x itemsize) rounded down to a
-multiple of 8 (at least 8, at most the number of tokens): 524 tokens at V = 32,000 in
-bfloat16 (262 in float32), 110 at V = 151,936 in bfloat16 (55 in float32).  Extra memory
-beyond inputs and returned gradients: the two buffers, the saved statistics (20 bytes a
-token), and for a trainable bfloat16/float16 head a float32 (V, H) accumulator.  Pass
-``chunk_size`` to trade memory for larger GEMMs.
+Chunk size (``default_chunk_size``): the rule of token_stats -- a float32 (chunk, V)
+buffer within ``CHUNK_BYTES`` = 64 MiB, i.e. chunk = 64 MiB / (4 V) rounded down to a
+multiple of 8 (at least 8, at most the number of tokens): 520 tokens at V = 32,000, 104
+at V = 151,936, whatever the dtype.  Extra memory beyond inputs and returned gradients:
+the two logits buffers (2 x chunk x V x itemsize: 128 MiB in float32, 64 MiB in
+bfloat16), the saved statistics (20 bytes a token), the per-row hidden gradient (N x H,
+the size of the returned one), and for a trainable bfloat16/float16 head the float32
+(V, H) weight-gradient accumulator (a float32 head accumulates into the returned
+gradient itself).  Pass ``chunk_size`` to trade memory for larger GEMMs.
 
 float64 inputs run on the eager backend.
 """
@@ -58,10 +60,10 @@ OP = "fused_linear_dual_masked_kl"
 CHUNK_BYTES = 64 * 2**20
 
 
-def default_chunk_size(vocab_size: int, itemsize: int = 4, num_tokens: Optional[int] = None) -> int:
-    """Tokens per chunk: the largest multiple of 8 (at least 8) with two (chunk, V)
-    logits buffers of ``itemsize`` bytes within ``CHUNK_BYTES``; at most ``num_tokens``."""
-    c = CHUNK_BYTES // (2 * max(int(vocab_size), 1) * int(itemsize))
+def default_chunk_size(vocab_size: int, num_tokens: Optional[int] = None) -> int:
+    """Tokens per chunk: the largest multiple of 8 (at least 8) with a float32 (chunk, V)
+    buffer within ``CHUNK_BYTES``; at most ``num_tokens`` when given."""
+    c = CHUNK_BYTES // (4 * max(int(vocab_size), 1))
     c = max(8, c - c % 8)
     if num_tokens is not None:
         c = max(1, min(c, int(num_tokens)))
@@ -312,7 +314,7 @@ def fused_linear_dual_masked_kl(student_hidden: torch.Tensor, student_weight: to
         student_bias, teacher_bias: optional (V,) head biases (the student's receives a
             gradient if it requires grad).
         chunk_size: tokens per chunk for the fused backends (default
-            :func:`default_chunk_size`: two (chunk, V) buffers within 64 MiB).
+            :func:`default_chunk_size`: 520 tokens at V = 32,000, 104 at V = 151,936).
         backend: "auto", "eager" (full logits, then the eager reference), "cpp", "triton",
             "cuda".
 
@@ -362,7 +364,7 @@ def fused_linear_dual_masked_kl(student_hidden: torch.Tensor, student_weight: to
         return reduce_rows(rows, ks, reduction, lead_shape, siu_denominator_scale=vocab)
 
     if chunk_size is None:
-        chunk_size = default_chunk_size(vocab, student_hidden.element_size())
+        chunk_size = default_chunk_size(vocab)
     grad_on = torch.is_grad_enabled()
     summed = reduction != "none"
     grad_hidden = grad_on and student_hidden.requires_grad

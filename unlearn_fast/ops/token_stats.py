@@ -18,12 +18,21 @@ detached.
 
 Chunking (the fused backends): tokens are processed ``chunk_size`` at a time; the logits
 chunk hidden[c] @ W^T (+ b) goes through BLAS / cuBLAS into one reused buffer, then one
-fused row pass computes the statistics in float32.  The backward recomputes each chunk's
-logits, forms grad_logits = go * (onehot - p) in float32 (the true-class term too), and
-accumulates grad_hidden = g @ W and grad_weight += g^T @ hidden[c] in a float32 buffer
-(only when the weight requires grad) and grad_bias += sum of g.  The default chunk size
-keeps one float32 chunk, chunk_size x V x 4 bytes, under 64 MiB (``default_chunk_size``):
-110 tokens at V = 151,936, 520 at V = 32,000.
+fused row pass computes the statistics in float32.  When a gradient is needed, the same
+chunk is turned into its gradient rows g = c_r (onehot - p) (float32 math, the
+true-class term included, stored in the input dtype) while it is at hand, and
+
+  * grad_hidden = g @ W is formed in the forward: with c_r = 1 it is the per-row Jacobian
+    of logprob, which the backward scales by grad_output[r] (exact for any grad_output);
+  * for a fixed weighted sum of the log-probs (:func:`linear_logprob_sum`, used by
+    ``cross_entropy`` with reduction "sum"/"mean") grad_weight += g^T @ hidden[c]
+    (float32 accumulator) and grad_bias are formed there too, and the backward scales
+    them by the scalar grad_output: the logits are computed once;
+  * otherwise (per-token log-probs with an arbitrary grad_output, e.g. NPO) the backward
+    recomputes each chunk's logits for the weight/bias gradients only.
+
+The default chunk size keeps one float32 chunk, chunk_size x V x 4 bytes, under 64 MiB
+(``default_chunk_size``): 104 tokens at V = 151,936, 520 at V = 32,000.
 """
 from __future__ import annotations
 
