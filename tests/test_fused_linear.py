@@ -287,11 +287,16 @@ def test_module_form():
 
 
 def test_default_chunk_size_rule():
+    from unlearn_fast.ops import _linear_head
+    from unlearn_fast.ops import token_stats as ts
+
+    budget = _linear_head.CHUNK_BYTES
     for vocab in (32000, 151936, 4099, 97):
-        c = fl.default_chunk_size(vocab)
-        assert c % 8 == 0 and c >= 8
-        assert c == 8 or 4 * c * vocab <= fl.CHUNK_BYTES < 4 * (c + 8) * vocab
-    assert fl.default_chunk_size(32000, num_tokens=5) == 5
+        for fn, buffers in ((fl.default_chunk_size, 2), (ts.default_chunk_size, 1)):
+            c = fn(vocab)
+            assert c % 8 == 0 and c >= 8
+            assert c == 8 or 4 * buffers * c * vocab <= budget < 4 * buffers * (c + 8) * vocab
+            assert fn(vocab, num_tokens=5) == 5
 
 
 def test_float64_runs_eager_and_explicit_fast_refuses():

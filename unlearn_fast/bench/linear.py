@@ -21,7 +21,8 @@ Ops (rows' ``op`` field):
                       tensor (a stronger baseline); fused = one token_stats call.
 Modes: fwd (no grad), fwd+bwd (gradients w.r.t. hidden states and the head weight),
 fwd+bwd_frozen (w.r.t. hidden states only: a frozen head, e.g. under LoRA).
-Rows: median time, IQR, peak memory above the inputs (RSS on the CPU), the same
+Rows: median time, IQR, median CPU time of the process (all threads; steadier than wall
+time on a shared machine), peak memory above the inputs (RSS on the CPU), the same
 without the returned gradients (``peak_mem_beyond_grad_bytes``, what the issue's target
 counts), ratios to eager, and a GEMM floor (the head GEMMs eager needs at the measured
 GEMM rate of this dtype; ``roofline_*`` rows).
@@ -29,6 +30,7 @@ GEMM rate of this dtype; ``roofline_*`` rows).
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from typing import Callable, Dict, List
 
@@ -269,15 +271,22 @@ def _run_case(recorder, op, mode, providers, x, shape, dtype, device, reps, comp
     eager_med = eager_peak = None
     for provider in providers:
         fn = _loss_fn(op, provider, compiled)
-        if mode == "fwd":
-            def step():
+        cpu_times: List[float] = []
+
+        def step():
+            c0 = time.process_time()
+            if mode == "fwd":
                 with torch.no_grad():
-                    return fn(inputs)
-        else:
-            def step():
-                return torch.autograd.grad(fn(inputs), [h, w] if trainable else [h])
+                    out = fn(inputs)
+            else:
+                out = torch.autograd.grad(fn(inputs), [h, w] if trainable else [h])
+            synchronize(device)
+            cpu_times.append(time.process_time() - c0)
+            return out
+
         try:
             times = time_fn(step, device, warmup=1, reps=reps, max_seconds=120.0)
+            cpu_times = cpu_times[1:]  # drop the warm-up
             peak = peak_memory(step, device)
         except Exception as exc:  # e.g. out of memory: record and go on
             print(f"  {op} {provider} {mode} {shape} {dtype_str(dtype)} failed: {type(exc).__name__}: {exc}")
@@ -286,6 +295,9 @@ def _run_case(recorder, op, mode, providers, x, shape, dtype, device, reps, comp
         med = recorder.add_timing(op, provider, mode, shape, dtype_str(dtype), device, times, peak_bytes=peak,
                                   eager_median=eager_med, floor_seconds=floor)
         recorder.add(op, provider, mode, shape, dtype_str(dtype), device, "peak_mem_beyond_grad_bytes", beyond)
+        # CPU seconds of this process (all threads): steadier than wall time on a shared machine
+        recorder.add(op, provider, mode, shape, dtype_str(dtype), device, "cpu_time_median_s",
+                     statistics.median(cpu_times))
         if eager_peak:
             recorder.add(op, provider, mode, shape, dtype_str(dtype), device, "mem_ratio_to_eager", beyond / eager_peak)
         if provider == "eager":

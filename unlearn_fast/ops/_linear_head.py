@@ -18,9 +18,24 @@ from typing import Optional
 
 import torch
 
+# Chunk buffers: the (chunk, V) logits buffers of one chunk take at most this many bytes
+# counted in float32 (half of it for bfloat16/float16 inputs).
+CHUNK_BYTES = 128 * 2**20
 # Vocabulary rows per partial product when a low-precision weight gradient is summed in
 # float32 (see add_weight_grad).
 WEIGHT_GRAD_SLAB = 4096
+
+
+def default_chunk_size(vocab_size: int, buffers: int, num_tokens: Optional[int] = None) -> int:
+    """Tokens per chunk: the largest multiple of 8 (at least 8) whose ``buffers`` float32
+    (chunk, V) logits buffers fit in ``CHUNK_BYTES``; at most ``num_tokens`` when given.
+    Larger chunks mean fewer GEMM calls, each streaming the whole (V, H) weight; the
+    budget keeps the buffers a small fraction of what eager code allocates."""
+    c = CHUNK_BYTES // (4 * buffers * max(int(vocab_size), 1))
+    c = max(8, c - c % 8)
+    if num_tokens is not None:
+        c = max(1, min(c, int(num_tokens)))
+    return c
 
 
 def chunk_logits(hc: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out=None) -> torch.Tensor:

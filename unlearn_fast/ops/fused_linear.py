@@ -31,15 +31,14 @@ How the fused backends compute it (cpp, cuda, triton):
   the hidden gradient, 1 more for a trainable head; 3 more with reduction="none" and a
   trainable head) with row passes that read each logits chunk once or twice.
 
-Chunk size (``default_chunk_size``): the rule of token_stats -- a float32 (chunk, V)
-buffer within ``CHUNK_BYTES`` = 64 MiB, i.e. chunk = 64 MiB / (4 V) rounded down to a
-multiple of 8 (at least 8, at most the number of tokens): 520 tokens at V = 32,000, 104
-at V = 151,936, whatever the dtype.  Extra memory beyond inputs and returned gradients:
-the two logits buffers (2 x chunk x V x itemsize: 128 MiB in float32, 64 MiB in
-bfloat16), the saved statistics (20 bytes a token), the per-row hidden gradient (N x H,
-the size of the returned one), and for a trainable bfloat16/float16 head the float32
-(V, H) weight-gradient accumulator (a float32 head accumulates into the returned
-gradient itself).  Pass ``chunk_size`` to trade memory for larger GEMMs.
+Chunk size (``default_chunk_size``): the two float32 (chunk, V) logits buffers within
+128 MiB (64 MiB in bfloat16), rounded down to a multiple of 8 (at least 8, at most the
+number of tokens): 520 tokens at V = 32,000, 104 at V = 151,936.  Extra memory beyond
+inputs and returned gradients: those buffers, the saved statistics (20 bytes a token),
+the per-row hidden gradient (N x H, the size of the returned one), and for a trainable
+bfloat16/float16 head the float32 (V, H) weight-gradient accumulator (a float32 head
+accumulates into the returned gradient itself).  Pass ``chunk_size`` to trade memory
+for fewer, larger GEMMs.
 
 float64 inputs run on the eager backend.
 """
@@ -54,20 +53,18 @@ from unlearn_fast import backends
 from unlearn_fast.ops import _validation as V
 from unlearn_fast.ops import dual_masked_kl as dmk
 from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, reduce_rows, reduce_total
-from unlearn_fast.ops._linear_head import add_bias_grad, add_weight_grad, chunk_logits, refuse_second_backward, scaled
+from unlearn_fast.ops._linear_head import (add_bias_grad, add_weight_grad, chunk_logits, refuse_second_backward,
+                                          scaled)
+from unlearn_fast.ops._linear_head import default_chunk_size as _default_chunk_size
 
 OP = "fused_linear_dual_masked_kl"
-CHUNK_BYTES = 64 * 2**20
 
 
 def default_chunk_size(vocab_size: int, num_tokens: Optional[int] = None) -> int:
-    """Tokens per chunk: the largest multiple of 8 (at least 8) with a float32 (chunk, V)
-    buffer within ``CHUNK_BYTES``; at most ``num_tokens`` when given."""
-    c = CHUNK_BYTES // (4 * max(int(vocab_size), 1))
-    c = max(8, c - c % 8)
-    if num_tokens is not None:
-        c = max(1, min(c, int(num_tokens)))
-    return c
+    """Tokens per chunk: two float32 (chunk, V) buffers (student and teacher logits)
+    within 128 MiB (see ``_linear_head.default_chunk_size``): 520 at V = 32,000, 104 at
+    V = 151,936."""
+    return _default_chunk_size(vocab_size, 2, num_tokens)
 
 
 # --------------------------------------------------------------------------------------
