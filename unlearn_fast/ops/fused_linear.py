@@ -27,9 +27,12 @@ How the fused backends compute it (cpp, cuda, triton):
   (float32 accumulator; ``g^T @ h`` per chunk) and scaled in the backward.  For
   reduction="none" with an arbitrary grad_output the backward recomputes each chunk's
   logits and accumulates ``(grad_output * g)^T @ h`` (exact, never pre-scaled).
-* So a forward+backward costs the same GEMMs as the eager code (2 for the logits, 1 for
-  the hidden gradient, 1 more for a trainable head; 3 more with reduction="none" and a
-  trainable head) with row passes that read each logits chunk once or twice.
+* So a forward+backward costs the GEMMs of the eager code -- 2 for the logits, 1 for the
+  hidden gradient, 1 more for a trainable head -- plus row passes that read each logits
+  chunk once or twice.  Only reduction="none" with a trainable head costs more: its
+  backward recomputes both logits chunks (2 extra GEMMs).
+* Chunks whose tokens are all masked (K_S = 0) are skipped without a GEMM on the CPU;
+  the CUDA/triton loops process every chunk (skipping would need a host sync).
 
 Chunk size (``default_chunk_size``): the two float32 (chunk, V) logits buffers within
 128 MiB (64 MiB in bfloat16), rounded down to a multiple of 8 (at least 8, at most the
