@@ -3,14 +3,17 @@
 // torch.ops.unlearn_fast_cpu.token_stats_rows_{fwd,bwd}     on (N, V) logits
 // torch.ops.unlearn_fast_cpu.token_stats_linear_{fwd,bwd}   on hidden (N, H) and the
 //     head weight (V, H): chunks of C tokens, logits chunk = hidden_chunk @ W^T (+ bias)
-//     through ATen (BLAS) into one reused (C, V) buffer, then the fused row pass; the
-//     backward recomputes each chunk's logits, forms grad_logits = go * (onehot - p) in
-//     float32 (in place for float32), and accumulates grad_hidden = g @ W and
-//     grad_weight += g^T @ hidden_chunk (float32 accumulator), grad_bias += sum_rows g.
+//     through ATen (BLAS, csrc/linear_chunk.h) into one reused (C, V) buffer, then the
+//     fused row pass.  When gradients are asked for, the forward turns each chunk into
+//     its gradient rows (float32 math, true-class term included) while it is at hand
+//     and returns grad_hidden (the per-row Jacobian, or the gradient of a row-weighted
+//     sum together with grad_weight / grad_bias); the backward recomputes the chunks
+//     only for what depends on an arbitrary per-token grad_output (the weight gradient).
 // Nothing of size N x V is allocated.  The Python custom ops in
 // unlearn_fast/ops/token_stats.py validate and flatten the inputs first.
 #include "common.h"
 #include "cpu/token_stats.h"
+#include "linear_chunk.h"
 
 namespace uf {
 namespace {
@@ -118,15 +121,6 @@ void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std:
   }
 }
 
-// logits chunk = hidden[c0:c0+n] @ W^T (+ bias) into out (n, V).
-void chunk_logits(at::Tensor& out, const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  if (bias.has_value() && bias->defined()) {
-    at::addmm_out(out, *bias, hc, weight.t());
-  } else {
-    at::mm_out(out, hc, weight.t());
-  }
-}
-
 bool chunk_all_ignored(const int64_t* tg, const float* go, int64_t n, int64_t ignore_index) {
   for (int64_t r = 0; r < n; ++r) {
     if (tg[r] != ignore_index && (go == nullptr || go[r] != 0.f)) return false;
@@ -134,17 +128,47 @@ bool chunk_all_ignored(const int64_t* tg, const float* go, int64_t n, int64_t ig
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                                                          const at::Tensor& targets,
-                                                                          const std::optional<at::Tensor>& bias,
-                                                                          int64_t ignore_index, int64_t chunk_size) {
-  check_linear(hidden, weight, bias, "token_stats_linear_fwd");
-  const int64_t N = hidden.size(0), V = weight.size(0);
-  check_targets(targets, N, "token_stats_linear_fwd");
-  TORCH_CHECK(chunk_size >= 1, "token_stats_linear_fwd: chunk_size must be >= 1");
+at::Tensor from_float32(const at::Tensor& acc, at::ScalarType dtype) {
+  return acc.scalar_type() == dtype ? acc : acc.to(dtype);
+}
+
+// Turn a logits chunk (n, V) into its gradient rows coeff[r] * (onehot(t_r) - p_r) in
+// place (float32 math, stored in the logits' dtype); ignored rows and coeff 0 -> zeros.
+void chunk_gradient_rows(at::Tensor& chunk, const int64_t* tg, int64_t ignore_index, const float* st4,
+                         const float* coeff) {
+  const int64_t n = chunk.size(0), V = chunk.size(1);
+  UF_DISPATCH_FLOAT(chunk.scalar_type(), "token_stats_gradient_rows", [&] {
+    rows_backward_impl<scalar_t, scalar_t>(chunk.data_ptr<scalar_t>(), n, V, tg, ignore_index, st4, coeff,
+                                           chunk.data_ptr<scalar_t>());
+  });
+}
+
+// Forward over chunks.  With gradients asked for, each chunk's logits become its gradient
+// rows right after the statistics (no recomputation later):
+//   row_weights == None: coefficient 1 -> grad_hidden = per-row Jacobian of logprob
+//     (the backward scales row r by grad_output[r]: exact for any grad_output);
+//   row_weights = c (N,): the gradients of total = sum_r c_r logprob_r -- grad_hidden,
+//     grad_weight (float32 accumulator) and grad_bias of that scalar.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, int64_t chunk_size,
+    const std::optional<at::Tensor>& row_weights, bool grad_hidden, bool grad_weight, bool grad_bias) {
+  const char* fn = "token_stats_linear_fwd";
+  check_linear(hidden, weight, bias, fn);
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  check_targets(targets, N, fn);
+  TORCH_CHECK(chunk_size >= 1, fn, ": chunk_size must be >= 1");
+  TORCH_CHECK(!grad_bias || has_tensor(bias), fn, ": grad_bias without a bias");
+  const float* rw = optional_mask_ptr(row_weights, N, "row_weights");
   auto [lp, st, am] = alloc_stats(hidden, N);
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor gh = grad_hidden ? at::empty_like(hidden) : at::empty({0}, hidden.options());
+  at::Tensor gw = grad_weight ? at::zeros({V, H}, f32) : at::empty({0}, f32);  // float32 accumulators
+  at::Tensor gb = grad_bias ? at::zeros({V}, f32) : at::empty({0}, f32);
+  const bool any_grad = grad_hidden || grad_weight || grad_bias;
   const int64_t C = std::min(chunk_size, std::max<int64_t>(N, 1));
   at::Tensor buf = at::empty({C, V}, hidden.options());
+  std::vector<float> ones(any_grad && rw == nullptr ? C : 0, 1.f);
   const int64_t* tg = targets.data_ptr<int64_t>();
   for (int64_t c0 = 0; c0 < N; c0 += C) {
     const int64_t n = std::min(C, N - c0);
@@ -152,68 +176,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& 
       lp.narrow(0, c0, n).zero_();
       st.narrow(0, c0, n).zero_();
       am.narrow(0, c0, n).zero_();
+      if (grad_hidden) gh.narrow(0, c0, n).zero_();
       continue;
     }
     at::Tensor out = buf.narrow(0, 0, n);
-    chunk_logits(out, hidden.narrow(0, c0, n), weight, bias);
-    UF_DISPATCH_FLOAT(hidden.scalar_type(), "token_stats_linear_fwd", [&] {
+    at::Tensor hc = hidden.narrow(0, c0, n);
+    chunk_logits(out, hc, weight, bias);
+    UF_DISPATCH_FLOAT(hidden.scalar_type(), fn, [&] {
       rows_forward_impl(out.data_ptr<scalar_t>(), n, V, tg + c0, ignore_index, lp.data_ptr<float>() + c0,
                         st.data_ptr<float>() + 4 * c0, am.data_ptr<int64_t>() + c0);
     });
+    if (!any_grad) continue;
+    chunk_gradient_rows(out, tg + c0, ignore_index, st.data_ptr<float>() + 4 * c0,
+                        rw != nullptr ? rw + c0 : ones.data());
+    if (grad_hidden) {
+      at::Tensor ghc = gh.narrow(0, c0, n);
+      at::mm_out(ghc, out, weight);
+    }
+    if (grad_weight) add_weight_grad(gw, out, hc);
+    if (grad_bias) add_bias_grad(gb, out);
   }
-  return {lp, st, am};
+  const auto wtype = weight.scalar_type();
+  return {lp, st, am, gh, grad_weight ? from_float32(gw, wtype) : gw, grad_bias ? from_float32(gb, wtype) : gb};
 }
 
+// Backward for an arbitrary per-token grad_output: recomputes each chunk's logits, forms
+// grad_logits = go * (onehot - p) in float32 (stored in the logits' dtype, in place) and
+// accumulates the requested grad_hidden = g @ W, grad_weight += g^T @ hidden_chunk
+// (float32 accumulator), grad_bias += sum_rows g.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& grad, const at::Tensor& hidden,
                                                               const at::Tensor& weight, const at::Tensor& targets,
                                                               const std::optional<at::Tensor>& bias,
-                                                              const at::Tensor& row_stats, int64_t ignore_index, int64_t chunk_size, bool need_grad_weight,
-                                                              bool need_grad_bias) {
-  check_linear(hidden, weight, bias, "token_stats_linear_bwd");
+                                                              const at::Tensor& row_stats, int64_t ignore_index,
+                                                              int64_t chunk_size, bool need_grad_hidden,
+                                                              bool need_grad_weight, bool need_grad_bias) {
+  const char* fn = "token_stats_linear_bwd";
+  check_linear(hidden, weight, bias, fn);
   const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
-  check_targets(targets, N, "token_stats_linear_bwd");
-  check_row_stats(grad, row_stats, N, "token_stats_linear_bwd");
-  TORCH_CHECK(chunk_size >= 1, "token_stats_linear_bwd: chunk_size must be >= 1");
-  const bool f32 = hidden.scalar_type() == at::kFloat;
-  auto fopts = hidden.options().dtype(at::kFloat);
-  at::Tensor gh = at::empty_like(hidden);
-  at::Tensor gw = need_grad_weight ? at::zeros({V, H}, fopts) : at::empty({0}, fopts);  // float32 accumulator
-  at::Tensor gb = need_grad_bias ? at::zeros({V}, fopts) : at::empty({0}, fopts);
+  check_targets(targets, N, fn);
+  check_row_stats(grad, row_stats, N, fn);
+  TORCH_CHECK(chunk_size >= 1, fn, ": chunk_size must be >= 1");
+  TORCH_CHECK(!need_grad_bias || has_tensor(bias), fn, ": grad_bias without a bias");
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor gh = need_grad_hidden ? at::empty_like(hidden) : at::empty({0}, hidden.options());
+  at::Tensor gw = need_grad_weight ? at::zeros({V, H}, f32) : at::empty({0}, f32);  // float32 accumulators
+  at::Tensor gb = need_grad_bias ? at::zeros({V}, f32) : at::empty({0}, f32);
   const int64_t C = std::min(chunk_size, std::max<int64_t>(N, 1));
   at::Tensor buf = at::empty({C, V}, hidden.options());
-  at::Tensor g32 = f32 ? buf : at::empty({C, V}, fopts);  // float32: gradient rows overwrite the logits in place
   const int64_t* tg = targets.data_ptr<int64_t>();
   const float* go = grad.data_ptr<float>();
   for (int64_t c0 = 0; c0 < N; c0 += C) {
     const int64_t n = std::min(C, N - c0);
-    at::Tensor ghc = gh.narrow(0, c0, n);
     if (chunk_all_ignored(tg + c0, go + c0, n, ignore_index)) {
-      ghc.zero_();
+      if (need_grad_hidden) gh.narrow(0, c0, n).zero_();
       continue;
     }
     at::Tensor hc = hidden.narrow(0, c0, n);
     at::Tensor out = buf.narrow(0, 0, n);
     chunk_logits(out, hc, weight, bias);
-    at::Tensor gn = g32.narrow(0, 0, n);
-    UF_DISPATCH_FLOAT(hidden.scalar_type(), "token_stats_linear_bwd", [&] {
-      rows_backward_impl<scalar_t, float>(out.data_ptr<scalar_t>(), n, V, tg + c0, ignore_index,
-                                          row_stats.data_ptr<float>() + 4 * c0, go + c0, gn.data_ptr<float>());
-    });
-    if (f32) {
-      at::mm_out(ghc, gn, weight);
-      if (need_grad_weight) gw.addmm_(gn.t(), hc);
-    } else {
-      out.copy_(gn);  // round the float32 gradient rows once, for the grad_hidden GEMM
+    chunk_gradient_rows(out, tg + c0, ignore_index, row_stats.data_ptr<float>() + 4 * c0, go + c0);
+    if (need_grad_hidden) {
+      at::Tensor ghc = gh.narrow(0, c0, n);
       at::mm_out(ghc, out, weight);
-      if (need_grad_weight) gw.addmm_(gn.t(), hc.to(at::kFloat));
     }
-    if (need_grad_bias) gb.add_(gn.sum(0));
+    if (need_grad_weight) add_weight_grad(gw, out, hc);
+    if (need_grad_bias) add_bias_grad(gb, out);
   }
-  if (!f32) {
-    if (need_grad_weight) gw = gw.to(weight.scalar_type());
-    if (need_grad_bias) gb = gb.to(weight.scalar_type());
-  }
-  return {gh, gw, gb};
+  const auto wtype = weight.scalar_type();
+  return {gh, need_grad_weight ? from_float32(gw, wtype) : gw, need_grad_bias ? from_float32(gb, wtype) : gb};
 }
 
 }  // namespace
@@ -225,9 +255,11 @@ TORCH_LIBRARY_FRAGMENT(unlearn_fast_cpu, m) {
   m.def("token_stats_rows_bwd(Tensor grad, Tensor logits, Tensor targets, Tensor row_stats, int ignore_index) -> Tensor",
         &uf::rows_bwd_cpu);
   m.def("token_stats_linear_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
-        "int chunk_size) -> (Tensor, Tensor, Tensor)",
+        "int chunk_size, Tensor? row_weights, bool grad_hidden, bool grad_weight, bool grad_bias) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
         &uf::linear_fwd_cpu);
   m.def("token_stats_linear_bwd(Tensor grad, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor row_stats, "
-        "int ignore_index, int chunk_size, bool need_grad_weight, bool need_grad_bias) -> (Tensor, Tensor, Tensor)",
+        "int ignore_index, int chunk_size, bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias) "
+        "-> (Tensor, Tensor, Tensor)",
         &uf::linear_bwd_cpu);
 }

@@ -242,3 +242,68 @@ def test_bad_inputs():
         uf.token_stats(h, w, t, backend="fortran")
     # ignore_index positions never trip the range check
     uf.token_stats(h, w, torch.tensor([0, -100, 29, -100]))
+
+
+# ---- cross_entropy's summed path: gradients formed in the fused forward -------------
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_cross_entropy_summed_path_matches_oracle(backend, dtype, weight_grad):
+    h, w, b, t = _inputs((3, 13), 19, 1271, dtype, bias=True)
+    tw = torch.rand(t.shape, dtype=torch.float64) + 0.5
+    go = torch.tensor(1.7, dtype=torch.float64)
+
+    def run(d, be, reduction):
+        hh = h.to(d).requires_grad_()
+        ww = w.to(d).requires_grad_(weight_grad)
+        bb = b.to(d).requires_grad_()
+        out = uf.cross_entropy(hh, ww, t, bb, token_weights=tw.float(), reduction=reduction, chunk_size=8,
+                               backend=be)
+        inputs = [hh, bb] + ([ww] if weight_grad else [])
+        return (out,) + torch.autograd.grad(out, inputs, go.to(out.dtype))
+
+    for reduction in ("mean", "sum"):
+        ref, eag, got = run(torch.float64, "eager", reduction), run(dtype, "eager", reduction), run(dtype, backend,
+                                                                                                   reduction)
+        for a, r, e in zip(got, ref, eag):
+            assert a.dtype == (torch.float32 if a.dim() == 0 else dtype)
+            assert rel_err(a, r) <= rel_err(e, r) + TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_cross_entropy_second_backward_refused_and_weight_grads_fallback(backend):
+    h, w, _, t = _inputs((2, 9), 8, 77, torch.float32)
+    hh, ww = h.float().requires_grad_(), w.float().requires_grad_()
+    loss = uf.cross_entropy(hh, ww, t, backend=backend)
+    torch.autograd.grad(loss, [hh, ww], retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        torch.autograd.grad(loss, [hh, ww])
+    # token weights that require grad take the per-token path and receive a gradient
+    tw = torch.rand(t.shape, requires_grad=True)
+    loss = uf.cross_entropy(hh, ww, t, token_weights=tw, backend=backend)
+    (g_tw,) = torch.autograd.grad(loss, tw)
+    nll = -uf.token_stats(h, w, t, backend="eager")["logprob"]
+    kept = (t != IGN).double()
+    wt = tw.detach().double() * kept
+    expected = (nll * kept) / wt.sum() - (nll * wt).sum() * kept / wt.sum() ** 2
+    assert rel_err(g_tw, expected) < 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_compile_fullgraph(reduction):
+    torch._dynamo.reset()
+    h, w, _, t = _inputs((2, 7), 16, 301, torch.float32)
+    h, w = h.float(), w.float()
+
+    def fn(hidden, weight, targets):
+        out = uf.cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=4)
+        return out.sum() * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    res = []
+    for f in (compiled, fn):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        val = f(hh, ww, t)
+        res.append((val,) + torch.autograd.grad(val, [hh, ww]))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b)

@@ -2,6 +2,7 @@
 multimodal models (SIU, MMUnlearner, MultiDelete and the GA/NPO family)."""
 from unlearn_fast.backends import BackendUnavailableError
 from unlearn_fast.ops.dual_masked_kl import DualMaskedKLDivLoss, dual_masked_kl
+from unlearn_fast.ops.fused_linear import FusedLinearDualMaskedKLDivLoss, fused_linear_dual_masked_kl
 from unlearn_fast.ops.losses import (CrossEntropyLoss, GradientAscentLoss, LinearCrossEntropyLoss, NPOLoss,
                                      SimNPOLoss, cross_entropy, cross_entropy_from_logits, gradient_ascent,
                                      gradient_ascent_from_logits, npo, sequence_logprob, simnpo)
@@ -16,6 +17,7 @@ __all__ = [
     "BackendUnavailableError",
     "DualMaskedKLDivLoss",
     "dual_masked_kl",
+    "fused_linear_dual_masked_kl", "FusedLinearDualMaskedKLDivLoss",
     "token_stats", "token_stats_from_logits", "cross_entropy", "cross_entropy_from_logits", "gradient_ascent",
     "gradient_ascent_from_logits", "sequence_logprob", "npo", "simnpo", "CrossEntropyLoss", "LinearCrossEntropyLoss",
     "GradientAscentLoss", "NPOLoss", "SimNPOLoss",

@@ -1,14 +1,16 @@
 // Torch bindings of the CUDA token-statistics kernels (kernels/token_stats.cu).
 //
 // torch.ops.unlearn_fast_cuda.token_stats_{rows,linear}_{fwd,bwd}: the same schemas and
-// chunk loop as the CPU binding (csrc/token_stats.cpp).  The GEMM chunks go through
-// at::mm_out / at::addmm_out (cuBLAS) into one reused (C, V) buffer; the row work is ours.
+// chunk loops as the CPU binding (csrc/token_stats.cpp).  The GEMM chunks go through
+// at::mm_out / at::addmm_out (cuBLAS, csrc/linear_chunk.h) into reused (C, V) buffers;
+// the row work is ours.
 // No host synchronisation: every chunk is processed (no host-side skip of ignored chunks).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "linear_chunk.h"
 #include "token_stats.cuh"
 
 namespace uf {
@@ -95,44 +97,78 @@ void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std:
   }
 }
 
-void chunk_logits(at::Tensor& out, const at::Tensor& hc, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  if (bias.has_value() && bias->defined()) {
-    at::addmm_out(out, *bias, hc, weight.t());
-  } else {
-    at::mm_out(out, hc, weight.t());
-  }
+at::Tensor from_float32(const at::Tensor& acc, at::ScalarType dtype) {
+  return acc.scalar_type() == dtype ? acc : acc.to(dtype);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& hidden, const at::Tensor& weight,
-                                                               const at::Tensor& targets,
-                                                               const std::optional<at::Tensor>& bias, int64_t ignore_index,
-                                                               int64_t chunk_size) {
+// Gradient rows coeff[r] * (onehot(t_r) - p_r) of a logits chunk (float32 math) into g
+// (the logits' dtype; g may be the logits themselves for float32).
+void chunk_gradient_rows(const at::Tensor& logits, at::Tensor& g, const int64_t* tg, int64_t ignore_index,
+                         const float* st4, const float* coeff, const char* fn) {
+  const int64_t n = logits.size(0), V = logits.size(1);
+  check_cuda(uf_cuda::token_stats_rows_bwd(coeff, logits.data_ptr(), dtype_of(logits, fn), n, V, V, tg, ignore_index,
+                                           st4, g.data_ptr(), dtype_of(g, fn), V, c10::cuda::getCurrentCUDAStream()),
+             fn);
+}
+
+// The same contract as the CPU binding (csrc/token_stats.cpp linear_fwd_cpu): with
+// gradients asked for, each chunk becomes its gradient rows right after the statistics
+// (coefficient 1: the per-row Jacobian; row_weights c: the gradients of sum_r c_r logprob_r).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fwd_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, int64_t chunk_size,
+    const std::optional<at::Tensor>& row_weights, bool grad_hidden, bool grad_weight, bool grad_bias) {
   const char* fn = "token_stats_linear_fwd";
   check_linear(hidden, weight, bias, fn);
   c10::cuda::CUDAGuard guard(hidden.device());
-  const int64_t N = hidden.size(0), V = weight.size(0);
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   check_targets(targets, N, fn);
   TORCH_CHECK(chunk_size >= 1, fn, ": chunk_size must be >= 1");
+  TORCH_CHECK(!grad_bias || has_tensor(bias), fn, ": grad_bias without a bias");
+  if (has_tensor(row_weights)) {
+    TORCH_CHECK(row_weights->device() == hidden.device() && row_weights->scalar_type() == at::kFloat &&
+                    row_weights->is_contiguous() && row_weights->numel() == N,
+                fn, ": row_weights must be contiguous float32 (N,) on the inputs' device");
+  }
   auto [lp, st, am] = alloc_stats(hidden, N);
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor gh = grad_hidden ? at::empty_like(hidden) : at::empty({0}, hidden.options());
+  at::Tensor gw = grad_weight ? at::zeros({V, H}, f32) : at::empty({0}, f32);  // float32 accumulators
+  at::Tensor gb = grad_bias ? at::zeros({V}, f32) : at::empty({0}, f32);
+  const bool any_grad = grad_hidden || grad_weight || grad_bias;
+  const bool f32_logits = hidden.scalar_type() == at::kFloat;
   const int64_t C = std::min(chunk_size, std::max<int64_t>(N, 1));
   at::Tensor buf = at::empty({C, V}, hidden.options());
+  at::Tensor gbuf = any_grad && !f32_logits ? at::empty({C, V}, hidden.options()) : buf;  // float32: in place
+  at::Tensor coeff = has_tensor(row_weights) ? *row_weights : (any_grad ? at::ones({N}, f32) : at::Tensor());
   const int64_t* tg = targets.data_ptr<int64_t>();
   for (int64_t c0 = 0; c0 < N; c0 += C) {
     const int64_t n = std::min(C, N - c0);
     at::Tensor out = buf.narrow(0, 0, n);
-    chunk_logits(out, hidden.narrow(0, c0, n), weight, bias);
+    at::Tensor hc = hidden.narrow(0, c0, n);
+    chunk_logits(out, hc, weight, bias);
     rows_forward(out, n, V, tg + c0, ignore_index, lp.data_ptr<float>() + c0, st.data_ptr<float>() + 4 * c0,
                  am.data_ptr<int64_t>() + c0, fn);
+    if (!any_grad) continue;
+    at::Tensor g = gbuf.narrow(0, 0, n);
+    chunk_gradient_rows(out, g, tg + c0, ignore_index, st.data_ptr<float>() + 4 * c0, coeff.data_ptr<float>() + c0, fn);
+    if (grad_hidden) {
+      at::Tensor ghc = gh.narrow(0, c0, n);
+      at::mm_out(ghc, g, weight);
+    }
+    if (grad_weight) add_weight_grad(gw, g, hc);
+    if (grad_bias) add_bias_grad(gb, g);
   }
-  return {lp, st, am};
+  const auto wtype = weight.scalar_type();
+  return {lp, st, am, gh, grad_weight ? from_float32(gw, wtype) : gw, grad_bias ? from_float32(gb, wtype) : gb};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(const at::Tensor& grad, const at::Tensor& hidden,
                                                                const at::Tensor& weight, const at::Tensor& targets,
                                                                const std::optional<at::Tensor>& bias,
                                                                const at::Tensor& row_stats, int64_t ignore_index,
-                                                               int64_t chunk_size, bool need_grad_weight,
-                                                               bool need_grad_bias) {
+                                                               int64_t chunk_size, bool need_grad_hidden,
+                                                               bool need_grad_weight, bool need_grad_bias) {
   const char* fn = "token_stats_linear_bwd";
   check_linear(hidden, weight, bias, fn);
   c10::cuda::CUDAGuard guard(hidden.device());
@@ -140,43 +176,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(const at::Tensor&
   check_targets(targets, N, fn);
   check_row_stats(grad, row_stats, N, fn);
   TORCH_CHECK(chunk_size >= 1, fn, ": chunk_size must be >= 1");
-  const bool f32 = hidden.scalar_type() == at::kFloat;
-  auto fopts = hidden.options().dtype(at::kFloat);
-  at::Tensor gh = at::empty_like(hidden);
-  at::Tensor gw = need_grad_weight ? at::zeros({V, H}, fopts) : at::empty({0}, fopts);  // float32 accumulator
-  at::Tensor gb = need_grad_bias ? at::zeros({V}, fopts) : at::empty({0}, fopts);
+  TORCH_CHECK(!need_grad_bias || has_tensor(bias), fn, ": grad_bias without a bias");
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor gh = need_grad_hidden ? at::empty_like(hidden) : at::empty({0}, hidden.options());
+  at::Tensor gw = need_grad_weight ? at::zeros({V, H}, f32) : at::empty({0}, f32);  // float32 accumulators
+  at::Tensor gb = need_grad_bias ? at::zeros({V}, f32) : at::empty({0}, f32);
   const int64_t C = std::min(chunk_size, std::max<int64_t>(N, 1));
   at::Tensor buf = at::empty({C, V}, hidden.options());
-  at::Tensor g32 = f32 ? buf : at::empty({C, V}, fopts);  // float32: in place over the logits
+  at::Tensor gbuf = hidden.scalar_type() == at::kFloat ? buf : at::empty({C, V}, hidden.options());
   const int64_t* tg = targets.data_ptr<int64_t>();
-  const float* go = grad.data_ptr<float>();
-  auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t c0 = 0; c0 < N; c0 += C) {
     const int64_t n = std::min(C, N - c0);
     at::Tensor hc = hidden.narrow(0, c0, n);
     at::Tensor out = buf.narrow(0, 0, n);
     chunk_logits(out, hc, weight, bias);
-    at::Tensor gn = g32.narrow(0, 0, n);
-    check_cuda(uf_cuda::token_stats_rows_bwd(go + c0, out.data_ptr(), dtype_of(out, fn), n, V, V, tg + c0, ignore_index,
-                                             row_stats.data_ptr<float>() + 4 * c0, gn.data_ptr(),
-                                             uf_cuda::DType::kFloat32, V, stream),
-               fn);
-    at::Tensor ghc = gh.narrow(0, c0, n);
-    if (f32) {
-      at::mm_out(ghc, gn, weight);
-      if (need_grad_weight) gw.addmm_(gn.t(), hc);
-    } else {
-      out.copy_(gn);
-      at::mm_out(ghc, out, weight);
-      if (need_grad_weight) gw.addmm_(gn.t(), hc.to(at::kFloat));
+    at::Tensor g = gbuf.narrow(0, 0, n);
+    chunk_gradient_rows(out, g, tg + c0, ignore_index, row_stats.data_ptr<float>() + 4 * c0,
+                        grad.data_ptr<float>() + c0, fn);
+    if (need_grad_hidden) {
+      at::Tensor ghc = gh.narrow(0, c0, n);
+      at::mm_out(ghc, g, weight);
     }
-    if (need_grad_bias) gb.add_(gn.sum(0));
+    if (need_grad_weight) add_weight_grad(gw, g, hc);
+    if (need_grad_bias) add_bias_grad(gb, g);
   }
-  if (!f32) {
-    if (need_grad_weight) gw = gw.to(weight.scalar_type());
-    if (need_grad_bias) gb = gb.to(weight.scalar_type());
-  }
-  return {gh, gw, gb};
+  const auto wtype = weight.scalar_type();
+  return {gh, need_grad_weight ? from_float32(gw, wtype) : gw, need_grad_bias ? from_float32(gb, wtype) : gb};
 }
 
 }  // namespace
@@ -188,9 +213,11 @@ TORCH_LIBRARY_FRAGMENT(unlearn_fast_cuda, m) {
   m.def("token_stats_rows_bwd(Tensor grad, Tensor logits, Tensor targets, Tensor row_stats, int ignore_index) -> Tensor",
         &uf::rows_bwd_cuda);
   m.def("token_stats_linear_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
-        "int chunk_size) -> (Tensor, Tensor, Tensor)",
+        "int chunk_size, Tensor? row_weights, bool grad_hidden, bool grad_weight, bool grad_bias) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
         &uf::linear_fwd_cuda);
   m.def("token_stats_linear_bwd(Tensor grad, Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor row_stats, "
-        "int ignore_index, int chunk_size, bool need_grad_weight, bool need_grad_bias) -> (Tensor, Tensor, Tensor)",
+        "int ignore_index, int chunk_size, bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias) "
+        "-> (Tensor, Tensor, Tensor)",
         &uf::linear_bwd_cuda);
 }

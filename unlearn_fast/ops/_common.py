@@ -46,10 +46,16 @@ def reduce_rows(rows: torch.Tensor, kept: Optional[torch.Tensor], reduction: str
     """
     if reduction == "none":
         return rows.reshape(lead_shape)
-    total = rows.sum()
+    return reduce_total(rows.sum(), kept, rows.numel(), reduction, siu_denominator_scale)
+
+
+def reduce_total(total: torch.Tensor, kept: Optional[torch.Tensor], num_rows: int, reduction: str,
+                 siu_denominator_scale: int = 1) -> torch.Tensor:
+    """:func:`reduce_rows` for a loss already summed over its ``num_rows`` rows (a fused
+    kernel may return the sum directly); ``reduction`` is "sum", "mean" or "siu"."""
     if reduction == "sum":
         return total
-    count = kept.sum() if kept is not None else torch.tensor(float(rows.numel()), device=rows.device)
+    count = kept.sum() if kept is not None else torch.tensor(float(num_rows), device=total.device)
     count = count.clamp(min=1.0)
     if reduction == "mean":
         return total / count

@@ -24,7 +24,7 @@ from torch import nn
 
 from unlearn_fast.ops import _validation as V
 from unlearn_fast.ops._common import REDUCTIONS
-from unlearn_fast.ops.token_stats import token_stats, token_stats_from_logits
+from unlearn_fast.ops.token_stats import linear_logprob_sum, token_stats, token_stats_from_logits
 
 
 def _token_weights(token_weights, targets: torch.Tensor, ignore_index: int, dtype) -> torch.Tensor:
@@ -68,6 +68,14 @@ def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     per-token ``token_weights`` shaped like ``targets``.  Reductions: see the module doc
     ("mean" = weighted mean over answer tokens, 0 when none)."""
     V.check_choice(reduction, "reduction", REDUCTIONS)
+    if reduction != "none" and not (isinstance(token_weights, torch.Tensor) and token_weights.requires_grad):
+        # a fixed weighted sum of the tokens' log-probs: its gradients are formed in the
+        # fused forward (the logits are computed once)
+        V.check_tensor(targets, "targets")
+        w = _token_weights(token_weights, targets, ignore_index, torch.float32)
+        total = -linear_logprob_sum(hidden, weight, targets, bias, w, ignore_index=ignore_index,
+                                    chunk_size=chunk_size, backend=backend)
+        return total if reduction == "sum" else _safe_mean(total, w.sum().to(total.dtype))
     lp = token_stats(hidden, weight, targets, bias, ignore_index=ignore_index, stats=("logprob",),
                      chunk_size=chunk_size, backend=backend)["logprob"]
     return _reduce_tokens(-lp, targets, token_weights, ignore_index, reduction)

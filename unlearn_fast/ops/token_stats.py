@@ -18,12 +18,22 @@ detached.
 
 Chunking (the fused backends): tokens are processed ``chunk_size`` at a time; the logits
 chunk hidden[c] @ W^T (+ b) goes through BLAS / cuBLAS into one reused buffer, then one
-fused row pass computes the statistics in float32.  The backward recomputes each chunk's
-logits, forms grad_logits = go * (onehot - p) in float32 (the true-class term too), and
-accumulates grad_hidden = g @ W and grad_weight += g^T @ hidden[c] in a float32 buffer
-(only when the weight requires grad) and grad_bias += sum of g.  The default chunk size
-keeps one float32 chunk, chunk_size x V x 4 bytes, under 64 MiB (``default_chunk_size``):
-110 tokens at V = 151,936, 520 at V = 32,000.
+fused row pass computes the statistics in float32.  When a gradient is needed, the same
+chunk is turned into its gradient rows g = c_r (onehot - p) (float32 math, the
+true-class term included, stored in the input dtype) while it is at hand, and
+
+  * grad_hidden = g @ W is formed in the forward: with c_r = 1 it is the per-row Jacobian
+    of logprob, which the backward scales by grad_output[r] (exact for any grad_output);
+  * for a fixed weighted sum of the log-probs (:func:`linear_logprob_sum`, used by
+    ``cross_entropy`` with reduction "sum"/"mean") grad_weight += g^T @ hidden[c]
+    (float32 accumulator) and grad_bias are formed there too, and the backward scales
+    them by the scalar grad_output: the logits are computed once;
+  * otherwise (per-token log-probs with an arbitrary grad_output, e.g. NPO) the backward
+    recomputes each chunk's logits for the weight/bias gradients only.
+
+The default chunk size keeps one float32 chunk, chunk_size x V x 4 bytes, within 128 MiB
+(64 MiB in bfloat16; ``default_chunk_size``): 1048 tokens at V = 32,000, 216 at
+V = 151,936.
 """
 from __future__ import annotations
 
@@ -34,22 +44,19 @@ import torch
 from unlearn_fast import backends
 from unlearn_fast.ops import _validation as V
 from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops
+from unlearn_fast.ops._linear_head import (add_bias_grad, add_weight_grad, chunk_logits, refuse_second_backward,
+                                          scaled)
+from unlearn_fast.ops._linear_head import default_chunk_size as _default_chunk_size
 
 OP = "token_stats"  # from hidden states and the head weight
 OP_LOGITS = "token_stats_from_logits"
 STATS = ("logprob", "lse", "entropy", "mean_logp", "std_logp", "argmax", "correct")
-CHUNK_BYTES = 64 * 2**20
 
 
 def default_chunk_size(vocab_size: int, num_tokens: Optional[int] = None) -> int:
-    """Tokens per chunk: the largest multiple of 8 with chunk x V x 4 bytes <= 64 MiB
-    (at least 1; at most ``num_tokens`` when given)."""
-    c = max(1, CHUNK_BYTES // (4 * max(int(vocab_size), 1)))
-    if c >= 8:
-        c -= c % 8
-    if num_tokens is not None:
-        c = max(1, min(c, int(num_tokens)))
-    return c
+    """Tokens per chunk: one float32 (chunk, V) buffer within 128 MiB (see
+    ``_linear_head.default_chunk_size``): 1048 at V = 32,000, 216 at V = 151,936."""
+    return _default_chunk_size(vocab_size, 1, num_tokens)
 
 
 # --------------------------------------------------------------------------------------
@@ -82,41 +89,52 @@ def reference_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
 
 
 def reference_linear(hidden, weight, targets, bias, ignore_index, extras=True):
-    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
-    return reference_rows(logits, targets, ignore_index, extras)
+    return reference_rows(chunk_logits(hidden, weight, bias), targets, ignore_index, extras)
 
 
 # --------------------------------------------------------------------------------------
 # Generic chunk loops over a backend's row kernels (the triton backend uses them; the cpp
-# and cuda backends run the same loop in C++).  GEMMs through torch.matmul.
+# and cuda backends run the same loops in C++).  GEMMs through torch.matmul.
+#   row_forward(logits, targets, ignore_index) -> (logprob, row stats, argmax)
+#   row_backward(grad, logits, targets, row_stats, ignore_index, out_dtype) -> (n, V) rows
 # --------------------------------------------------------------------------------------
-def _chunk_logits(hc, weight, bias, out=None):
-    if bias is None:
-        return torch.matmul(hc, weight.t(), out=out)
-    return torch.addmm(bias, hc, weight.t(), out=out)
-
-
-def chunked_linear_forward(row_forward: Callable, hidden, weight, targets, bias, ignore_index: int, chunk_size: int):
-    n_tok = hidden.shape[0]
+def chunked_linear_forward(row_forward: Callable, row_backward: Callable, hidden, weight, targets, bias,
+                           ignore_index: int, chunk_size: int, row_weights: Optional[torch.Tensor],
+                           grad_hidden: bool, grad_weight: bool, grad_bias: bool):
+    n_tok, hdim = hidden.shape
+    vocab = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lp, st = torch.empty(n_tok, **f32), torch.empty((n_tok, 4), **f32)
     am = torch.empty(n_tok, dtype=torch.long, device=hidden.device)
+    gh = torch.empty_like(hidden) if grad_hidden else hidden.new_empty((0,))
+    gw = torch.zeros((vocab, hdim), **f32) if grad_weight else torch.empty(0, **f32)
+    gb = torch.zeros(vocab, **f32) if grad_bias else torch.empty(0, **f32)
+    coeff = row_weights if row_weights is not None else torch.ones(n_tok, **f32)
     c = max(1, min(chunk_size, n_tok))
-    buf = hidden.new_empty((c, weight.shape[0]))
+    buf = hidden.new_empty((c, vocab))
     for c0 in range(0, n_tok, c):
         n = min(c, n_tok - c0)
-        logits = _chunk_logits(hidden[c0:c0 + n], weight, bias, out=buf[:n])
-        a, b, m = row_forward(logits, targets[c0:c0 + n], ignore_index)
+        hc, tc = hidden[c0:c0 + n], targets[c0:c0 + n]
+        logits = chunk_logits(hc, weight, bias, out=buf[:n])
+        a, b, m = row_forward(logits, tc, ignore_index)
         lp[c0:c0 + n], st[c0:c0 + n], am[c0:c0 + n] = a, b, m
-    return lp, st, am
+        if grad_hidden or grad_weight or grad_bias:
+            g = row_backward(coeff[c0:c0 + n], logits, tc, st[c0:c0 + n], ignore_index, hidden.dtype)
+            if grad_hidden:
+                torch.matmul(g, weight, out=gh[c0:c0 + n])
+            if grad_weight:
+                add_weight_grad(gw, g, hc)
+            if grad_bias:
+                add_bias_grad(gb, g)
+    return lp, st, am, gh, gw.to(weight.dtype) if grad_weight else gw, gb.to(weight.dtype) if grad_bias else gb
 
 
 def chunked_linear_backward(row_backward: Callable, grad, hidden, weight, targets, bias, row_stats,
-                            ignore_index: int, chunk_size: int, need_grad_weight: bool, need_grad_bias: bool):
-    """row_backward(grad, logits, targets, row_stats, ignore_index, out_dtype) -> (n, V) gradient rows."""
+                            ignore_index: int, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
+                            need_grad_bias: bool):
     n_tok, vocab = hidden.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    gh = torch.empty_like(hidden)
+    gh = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty((0,))
     gw = torch.zeros(weight.shape, **f32) if need_grad_weight else torch.empty(0, **f32)
     gb = torch.zeros(vocab, **f32) if need_grad_bias else torch.empty(0, **f32)
     c = max(1, min(chunk_size, n_tok))
@@ -124,22 +142,26 @@ def chunked_linear_backward(row_backward: Callable, grad, hidden, weight, target
     for c0 in range(0, n_tok, c):
         n = min(c, n_tok - c0)
         hc = hidden[c0:c0 + n]
-        logits = _chunk_logits(hc, weight, bias, out=buf[:n])
+        logits = chunk_logits(hc, weight, bias, out=buf[:n])
         g = row_backward(grad[c0:c0 + n], logits, targets[c0:c0 + n], row_stats[c0:c0 + n], ignore_index,
-                         torch.float32)
-        torch.matmul(g.to(hidden.dtype), weight, out=gh[c0:c0 + n])
+                         hidden.dtype)
+        if need_grad_hidden:
+            torch.matmul(g, weight, out=gh[c0:c0 + n])
         if need_grad_weight:
-            gw.addmm_(g.t(), hc.float())
+            add_weight_grad(gw, g, hc)
         if need_grad_bias:
-            gb.add_(g.sum(0))
-    if hidden.dtype != torch.float32:
-        gw = gw.to(weight.dtype) if need_grad_weight else gw
-        gb = gb.to(weight.dtype) if need_grad_bias else gb
-    return gh, gw, gb
+            add_bias_grad(gb, g)
+    return gh, gw.to(weight.dtype) if need_grad_weight else gw, gb.to(weight.dtype) if need_grad_bias else gb
 
 
 # --------------------------------------------------------------------------------------
 # Custom ops (backend name as an argument), fake kernels, autograd.
+#
+# linear fwd -> (logprob (N,), total (), row stats, argmax, grad_hidden, grad_weight,
+# grad_bias).  Without row_weights the differentiable output is logprob: grad_hidden (if
+# asked) is the per-row Jacobian, the weight/bias gradients are recomputed in bwd for the
+# given grad_output.  With row_weights c (a constant) it is total = sum_r c_r logprob_r:
+# grad_hidden/grad_weight/grad_bias (if asked) are that scalar's, formed in the forward.
 # --------------------------------------------------------------------------------------
 def _fake_stats(like: torch.Tensor, n: int):
     return (like.new_empty((n,), dtype=torch.float32), like.new_empty((n, 4), dtype=torch.float32),
@@ -148,51 +170,83 @@ def _fake_stats(like: torch.Tensor, n: int):
 
 @torch.library.custom_op("unlearn_fast::token_stats_linear_fwd", mutates_args=())
 def _linear_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
-                ignore_index: int, chunk_size: int, backend: str
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.implementations(OP)[backend].forward(hidden, weight, targets, bias, ignore_index, chunk_size)
+                ignore_index: int, chunk_size: int, row_weights: Optional[torch.Tensor], grad_hidden: bool,
+                grad_weight: bool, grad_bias: bool, backend: str
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                           torch.Tensor]:
+    lp, st, am, gh, gw, gb = backends.implementations(OP)[backend].forward(
+        hidden, weight, targets, bias, ignore_index, chunk_size, row_weights, grad_hidden, grad_weight, grad_bias)
+    total = (lp * row_weights).sum() if row_weights is not None else lp.sum()
+    return lp, total, st, am, gh, gw, gb
 
 
 @_linear_fwd.register_fake
-def _(hidden, weight, targets, bias, ignore_index, chunk_size, backend):
-    return _fake_stats(hidden, hidden.shape[0])
+def _(hidden, weight, targets, bias, ignore_index, chunk_size, row_weights, grad_hidden, grad_weight, grad_bias,
+      backend):
+    lp, st, am = _fake_stats(hidden, hidden.shape[0])
+    empty = hidden.new_empty((0,), dtype=torch.float32)
+    return (lp, hidden.new_empty((), dtype=torch.float32), st, am,
+            torch.empty_like(hidden) if grad_hidden else hidden.new_empty((0,)),
+            torch.empty_like(weight) if grad_weight else empty.clone(),
+            torch.empty_like(bias) if grad_bias else empty.clone())
 
 
 @torch.library.custom_op("unlearn_fast::token_stats_linear_bwd", mutates_args=())
 def _linear_bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 bias: Optional[torch.Tensor], row_stats: torch.Tensor, ignore_index: int, chunk_size: int,
-                need_grad_weight: bool, need_grad_bias: bool, backend: str
+                need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool, backend: str
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return backends.implementations(OP)[backend].backward(grad, hidden, weight, targets, bias, row_stats,
-                                                          ignore_index, chunk_size, need_grad_weight, need_grad_bias)
+                                                          ignore_index, chunk_size, need_grad_hidden,
+                                                          need_grad_weight, need_grad_bias)
 
 
 @_linear_bwd.register_fake
-def _(grad, hidden, weight, targets, bias, row_stats, ignore_index, chunk_size, need_grad_weight, need_grad_bias,
-      backend):
+def _(grad, hidden, weight, targets, bias, row_stats, ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
+      need_grad_bias, backend):
     empty = hidden.new_empty((0,), dtype=torch.float32)
-    return (torch.empty_like(hidden), torch.empty_like(weight) if need_grad_weight else empty,
+    return (torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty((0,)),
+            torch.empty_like(weight) if need_grad_weight else empty,
             torch.empty_like(bias) if (need_grad_bias and bias is not None) else empty.clone())
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, targets, bias, ignore_index, chunk_size, backend = inputs
-    ctx.save_for_backward(hidden, weight, targets, bias, output[1])
+    hidden, weight, targets, bias, ignore_index, chunk_size, row_weights, _gh, _gw, _gb, backend = inputs
+    lp, total, st, am, gh, gw, gb = output
+    ctx.save_for_backward(hidden, weight, targets, bias, st, gh, gw, gb)
     ctx.ignore_index, ctx.chunk_size, ctx.backend = ignore_index, chunk_size, backend
     ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.summed = row_weights is not None
+    ctx.mark_non_differentiable(total if row_weights is None else lp, st, am, gh, gw, gb)
 
 
-def _linear_backward(ctx, g_lp, _g_st, _g_am):
-    hidden, weight, targets, bias, row_stats = ctx.saved_tensors
-    if g_lp is None:
-        return None, None, None, None, None, None, None
+def _linear_backward(ctx, g_lp, g_total, _g_st, _g_am, _g_gh, _g_gw, _g_gb):
+    out = [None] * 11
+    need_gh = bool(ctx.needs_input_grad[0])
     need_gw = bool(ctx.needs_input_grad[1])
     need_gb = ctx.has_bias and bool(ctx.needs_input_grad[3])
-    gh, gw, gb = _linear_bwd(g_lp.to(torch.float32).contiguous(), hidden, weight, targets, bias, row_stats,
-                             ctx.ignore_index, ctx.chunk_size, need_gw, need_gb, ctx.backend)
-    return (gh if ctx.needs_input_grad[0] else None, gw if need_gw else None, None,
-            gb if need_gb else None, None, None, None)
+    if ctx.summed and (need_gw or need_gb):
+        refuse_second_backward(ctx, "token_stats")
+    hidden, weight, targets, bias, row_stats, gh, gw, gb = ctx.saved_tensors
+    if ctx.summed:
+        if g_total is None:
+            return tuple(out)
+        scale = g_total.to(torch.float32)
+        out[0] = scaled(gh, scale) if need_gh else None
+        out[1] = scaled(gw, scale, ctx) if need_gw else None
+        out[3] = scaled(gb, scale, ctx) if need_gb else None
+        return tuple(out)
+    if g_lp is None:
+        return tuple(out)
+    grad = g_lp.to(torch.float32).contiguous()
+    if need_gh:
+        out[0] = (gh * grad[:, None]).to(gh.dtype)  # per-row Jacobian x grad_output: exact
+    if need_gw or need_gb:
+        _, gw_new, gb_new = _linear_bwd(grad, hidden, weight, targets, bias, row_stats, ctx.ignore_index,
+                                        ctx.chunk_size, False, need_gw, need_gb, ctx.backend)
+        out[1] = gw_new if need_gw else None
+        out[3] = gb_new if need_gb else None
+    return tuple(out)
 
 
 _linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -268,7 +322,7 @@ def _triton():
 
 
 backends.register(OP, "triton")(KernelPair(
-    forward=lambda *a: chunked_linear_forward(_triton().rows_forward, *a),
+    forward=lambda *a: chunked_linear_forward(_triton().rows_forward, _triton().rows_backward, *a),
     backward=lambda *a: chunked_linear_backward(_triton().rows_backward, *a),
 ))
 backends.register(OP_LOGITS, "triton")(KernelPair(
@@ -369,13 +423,65 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             bias), and the no-grad extras "lse", "entropy", "mean_logp", "std_logp",
             "argmax" (int64), "correct" (bool: argmax == target).
         chunk_size: tokens per chunk for the fused backends (default
-            ``default_chunk_size(V)``: chunk x V x 4 bytes <= 64 MiB).
+            ``default_chunk_size(V)``: chunk x V x 4 bytes <= 128 MiB).
         backend: "auto", "eager" (full logits, log_softmax, gather), "cpp", "triton", "cuda".
 
     Returns:
         dict name -> tensor shaped like ``targets``; float32 (float64 for float64 input),
         accumulated in float32 by the fused backends whatever the input dtype.
     """
+    stats = _check_stats(stats)
+    t, lead_shape, chunk_size = _check_linear_inputs(hidden, weight, targets, bias, ignore_index, chunk_size)
+    name = _resolve(OP, backend, hidden.device, hidden.dtype)
+    h2 = hidden.reshape(-1, weight.shape[1])
+    if name == "eager":
+        extras = any(s != "logprob" for s in stats)
+        out = reference_linear(h2, weight, t, bias, ignore_index, extras)
+    else:
+        # hidden gradient: the per-row Jacobian, formed in the forward (exact for any
+        # grad_output); weight/bias gradients: recomputed in the backward
+        grad_hidden = torch.is_grad_enabled() and hidden.requires_grad
+        lp, _total, st, am, *_ = _linear_fwd(h2.contiguous(), weight.contiguous(), t, _contiguous(bias),
+                                             ignore_index, chunk_size, None, grad_hidden, False, False, name)
+        out = (lp, st, am)
+    return _assemble(out, t, ignore_index, stats, lead_shape)
+
+
+def linear_logprob_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       bias: Optional[torch.Tensor], row_weights: torch.Tensor, *, ignore_index: int = -100,
+                       chunk_size: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+    """sum_r c_r log p(target_r) over the tokens, for a constant per-token weight c =
+    ``row_weights`` (float, shaped like ``targets``; no gradient flows to it): the
+    building block of the token losses (cross-entropy: c = token weight x answer mask).
+
+    Being a fixed weighted sum, its gradients w.r.t. hidden, weight and bias are all
+    formed in the fused forward while each logits chunk is at hand, and the backward only
+    scales them by the scalar grad_output: the logits are computed once.  Differentiable
+    w.r.t. hidden, weight (if it requires grad) and bias.  A float32 scalar (float64 for
+    float64 input)."""
+    t, lead_shape, chunk_size = _check_linear_inputs(hidden, weight, targets, bias, ignore_index, chunk_size)
+    V.check_tensor(row_weights, "row_weights", floating=True)
+    if tuple(row_weights.shape) != tuple(lead_shape) or row_weights.device != hidden.device:
+        raise ValueError(f"row_weights must have shape {tuple(lead_shape)} on {hidden.device}, "
+                         f"got {tuple(row_weights.shape)} on {row_weights.device}")
+    name = _resolve(OP, backend, hidden.device, hidden.dtype)
+    h2 = hidden.reshape(-1, weight.shape[1])
+    if name == "eager":
+        lp = reference_linear(h2, weight, t, bias, ignore_index, extras=False)[0]
+        return (lp * row_weights.detach().reshape(-1).to(lp.dtype)).sum()
+    grad_on = torch.is_grad_enabled()
+    c = row_weights.detach().reshape(-1).to(torch.float32).contiguous()
+    return _linear_fwd(h2.contiguous(), weight.contiguous(), t, _contiguous(bias), ignore_index, chunk_size, c,
+                       grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+                       grad_on and bias is not None and bias.requires_grad, name)[1]
+
+
+def _contiguous(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if x is None else x.contiguous()
+
+
+def _check_linear_inputs(hidden, weight, targets, bias, ignore_index, chunk_size):
+    """Validate a head call; returns (flat int64 targets, leading shape, chunk size)."""
     V.check_tensor(hidden, "hidden", floating=True, dims=(2, 3))
     V.check_tensor(weight, "weight", floating=True, dims=(2,))
     if hidden.shape[-1] != weight.shape[1]:
@@ -390,24 +496,14 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         V.check_same(bias, weight, "bias", "weight", shape=False)
     ignore_index = _check_int(ignore_index, "ignore_index")
-    stats = _check_stats(stats)
-    vocab, hdim = weight.shape
+    vocab = weight.shape[0]
     lead_shape = hidden.shape[:-1]
     t = _check_targets(targets, "targets", lead_shape, vocab, hidden.device, ignore_index)
     if chunk_size is None:
         chunk_size = default_chunk_size(vocab)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-
-    name = _resolve(OP, backend, hidden.device, hidden.dtype)
-    h2 = hidden.reshape(-1, hdim)
-    if name == "eager":
-        extras = any(s != "logprob" for s in stats)
-        out = reference_linear(h2, weight, t, bias, ignore_index, extras)
-    else:
-        out = _linear_fwd(h2.contiguous(), weight.contiguous(), t, None if bias is None else bias.contiguous(),
-                          ignore_index, chunk_size, name)
-    return _assemble(out, t, ignore_index, stats, lead_shape)
+    return t, lead_shape, chunk_size
 
 
 def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,

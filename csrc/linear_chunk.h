@@ -1,0 +1,58 @@
+// GEMM pieces shared by the CPU chunk loops over a language-model head
+// (csrc/token_stats.cpp, csrc/fused_linear.cpp).  They go through ATen, so the
+// GEMMs run on the BLAS torch was built with (oneDNN / MKL / OpenBLAS), in the
+// input dtype: a bfloat16 GEMM on a CPU with AVX512-BF16 is 2-4x faster than float32.
+#pragma once
+
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+namespace uf {
+
+inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// out (n, V) = hc (n, H) @ weight(V, H)^T (+ bias).
+inline void chunk_logits(at::Tensor& out, const at::Tensor& hc, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias) {
+  if (has_tensor(bias)) {
+    at::addmm_out(out, *bias, hc, weight.t());
+  } else {
+    at::mm_out(out, hc, weight.t());
+  }
+}
+
+// Vocabulary rows per partial product when a low-precision weight gradient is
+// accumulated in float32 (a (kWeightGradSlab, H) temporary: 28 MiB at H = 3584).
+constexpr int64_t kWeightGradSlab = 4096;
+
+// grad_weight32 (V, H) float32 += g (n, V)^T @ hc (n, H).
+//
+// float32 g: one addmm into the accumulator.  bfloat16/float16 g: the GEMM runs in the
+// low precision (float32 accumulation inside the GEMM, one rounding of each chunk's
+// partial product) on slabs of the vocabulary, and the partial products are summed
+// in float32 across chunks: summing the chunks in bfloat16 would drift with their
+// number, and a float32 GEMM would be 2-4x slower.
+inline void add_weight_grad(at::Tensor& grad_weight32, const at::Tensor& g, const at::Tensor& hc) {
+  if (g.scalar_type() == at::kFloat) {
+    grad_weight32.addmm_(g.t(), hc);
+    return;
+  }
+  const int64_t V = g.size(1), H = hc.size(1);
+  at::Tensor part = at::empty({std::min(kWeightGradSlab, V), H}, hc.options());
+  for (int64_t v0 = 0; v0 < V; v0 += kWeightGradSlab) {
+    const int64_t n = std::min(kWeightGradSlab, V - v0);
+    at::Tensor p = part.narrow(0, 0, n);
+    at::mm_out(p, g.narrow(1, v0, n).t(), hc);
+    grad_weight32.narrow(0, v0, n).add_(p);
+  }
+}
+
+// grad_bias32 (V,) float32 += column sums of g (n, V), summed in float32.
+inline void add_bias_grad(at::Tensor& grad_bias32, const at::Tensor& g) {
+  grad_bias32.add_(at::sum(g, {0}, false, at::kFloat));
+}
+
+}  // namespace uf

@@ -1,0 +1,305 @@
+"""Benchmark: losses and statistics of a language-model head computed from hidden states,
+eager (logits = hidden @ W.T, then the loss) vs torch.compile of eager vs the fused
+backends (logits never materialised).
+
+Ops (rows' ``op`` field):
+  cross_entropy       linear CE.  eager = transformers' ForCausalLMLoss: logits upcast
+                      to float32, F.cross_entropy(ignore_index=-100); fused =
+                      unlearn_fast.cross_entropy.
+  fused_linear_dmk    SIU's dual masked KL between the student head on student hidden
+                      states and the teacher head on teacher hidden states (token mask,
+                      3 forget ids).  eager = both logits, then dual_masked_kl's eager
+                      reference (teacher logits under no_grad); fused =
+                      fused_linear_dual_masked_kl.
+  token_stats_mia     forward only: per-token log-prob, lse, entropy, mean/std of log p,
+                      argmax/correct, then per sequence (256 tokens) the Min-K% and
+                      Min-K%++ scores (k = 40%) and exact memorisation.  eager = the
+                      open-unlearning way: every attack runs its own head pass (logits,
+                      log_softmax, gather) and sorts per sequence -- LOSS, Min-K%, Min-K%++
+                      (two passes: vocab log-probs and token log-probs), exact
+                      memorisation; eager_1pass = the same metrics from one logits
+                      tensor (a stronger baseline); fused = one token_stats call.
+Modes: fwd (no grad), fwd+bwd (gradients w.r.t. hidden states and the head weight),
+fwd+bwd_frozen (w.r.t. hidden states only: a frozen head, e.g. under LoRA).
+Rows: median time, IQR, median CPU time of the process (all threads; steadier than wall
+time on a shared machine), peak memory above the inputs (RSS on the CPU), the same
+without the returned gradients (``peak_mem_beyond_grad_bytes``, what the issue's target
+counts), ratios to eager, and a GEMM floor (the head GEMMs eager needs at the measured
+GEMM rate of this dtype; ``roofline_*`` rows).
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from unlearn_fast.bench.common import bench_device, bench_dtypes, bench_providers, dtype_str, shape_str
+from unlearn_fast.bench.harness import peak_memory, synchronize, time_fn
+
+DESCRIPTION = "head-level fused ops (linear CE, fused linear DMK, token stats + MIA): eager vs compile vs fused"
+HEADS = {"llava": (4096, 32000), "qwen2vl": (3584, 151936), "tiny": (256, 4099)}
+# (head, tokens) cases of the full run: LLaVA-1.5-7B and Qwen2-VL-7B heads
+CASES = [("llava", 512), ("llava", 2048), ("llava", 4096), ("llava", 8192), ("qwen2vl", 512), ("qwen2vl", 2048)]
+# --quick: float32 only, fwd and fwd+bwd, no torch.compile (its compile time alone is minutes)
+QUICK_CASES = [("tiny", 512)]
+OPS = ("cross_entropy", "fused_linear_dmk", "token_stats_mia")
+MODES = ("fwd", "fwd+bwd", "fwd+bwd_frozen")
+SEQ_LEN = 256
+PROMPT_LEN = 32  # ignored positions at the start of every sequence
+MINK = 0.4
+FORGET_IDS = [1, 7, 42]
+IGNORE = -100
+ALL_STATS = ("logprob", "lse", "entropy", "mean_logp", "std_logp", "argmax", "correct")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--heads", default=None, help="comma-separated heads: llava,qwen2vl (default both)")
+    parser.add_argument("--tokens", default=None, help="comma-separated token counts N (default per head)")
+    parser.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 3)")
+
+
+def _csv(value, default):
+    return tuple(value.split(",")) if value else tuple(default)
+
+
+# --------------------------------------------------------------------------- inputs
+def _inputs(head: str, n: int, dtype, device, gen):
+    hdim, vocab = HEADS[head]
+    scale = 2.0 / hdim ** 0.5  # logits of std ~2: realistic peakedness
+    w = (torch.randn(vocab, hdim, generator=gen) * scale).to(device=device, dtype=dtype)
+    h = torch.randn(n, hdim, generator=gen).to(device=device, dtype=dtype)
+    ht = (h.float() + 0.3 * torch.randn(n, hdim, generator=gen).to(device)).to(dtype)  # teacher: nearby states
+    targets = torch.randint(0, vocab, (n,), generator=gen).to(device)
+    pos = torch.arange(n, device=device) % SEQ_LEN
+    targets[pos < PROMPT_LEN] = IGNORE
+    token_mask = (torch.rand(n, generator=gen) > 0.2).to(device)
+    return dict(h=h, ht=ht, w=w, targets=targets, token_mask=token_mask)
+
+
+# --------------------------------------------------------------------------- eager references
+def _eager_ce(h, w, targets):
+    return F.cross_entropy((h @ w.t()).float(), targets, ignore_index=IGNORE)
+
+
+def _eager_dmk(h, w, ht, wt, token_mask):
+    from unlearn_fast.ops.dual_masked_kl import dual_masked_kl
+
+    with torch.no_grad():
+        teacher = ht @ wt.t()
+    return dual_masked_kl(h @ w.t(), teacher, token_mask, forget_token_ids=FORGET_IDS, backend="eager")
+
+
+def _per_sequence(values: torch.Tensor, valid: torch.Tensor) -> List[torch.Tensor]:
+    n_seq = values.shape[0] // SEQ_LEN
+    return [values[i * SEQ_LEN:(i + 1) * SEQ_LEN][valid[i * SEQ_LEN:(i + 1) * SEQ_LEN]] for i in range(n_seq)]
+
+
+def _min_k(scores: List[torch.Tensor]) -> torch.Tensor:
+    """-mean of the lowest k% scores per sequence (a sort per sequence)."""
+    out = []
+    for s in scores:
+        k = max(1, int(s.numel() * MINK))
+        out.append(-torch.sort(s.float()).values[:k].mean())
+    return torch.stack(out)
+
+
+def _token_logprobs(h, w, targets):  # open-unlearning tokenwise_logprobs: one head pass
+    logp = torch.log_softmax(h @ w.t(), dim=-1)
+    return logp.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
+
+
+def _eager_mia(h, w, targets) -> Dict[str, torch.Tensor]:
+    """Every attack on its own head pass, as open-unlearning's evaluators do."""
+    valid = targets != IGNORE
+    res = {}
+    lp = _token_logprobs(h, w, targets)  # LOSS attack
+    res["loss"] = torch.stack([-s.float().mean() for s in _per_sequence(lp, valid)])
+    lp = _token_logprobs(h, w, targets)  # Min-K%
+    res["min_k"] = _min_k(_per_sequence(lp, valid))
+    vocab_logp = torch.log_softmax(h @ w.t(), dim=-1)  # Min-K%++: vocab log-probs ...
+    lp = _token_logprobs(h, w, targets)  # ... and token log-probs (a second pass)
+    probs = vocab_logp.exp()
+    mu = (probs * vocab_logp).sum(-1)
+    sigma = (probs * vocab_logp.square()).sum(-1) - mu.square()
+    res["min_k_pp"] = _min_k(_per_sequence((lp - mu) / sigma.clamp_min(1e-6).sqrt(), valid))
+    res["entropy"] = -mu
+    res["std_logp"] = sigma.clamp_min(0).sqrt()
+    res["lse"] = torch.logsumexp(h @ w.t(), dim=-1)  # (the lse pass: our extra, not an OU attack)
+    argmax = (h @ w.t()).argmax(-1)  # exact memorisation
+    res["exact_mem"] = torch.stack([c.float().mean() for c in _per_sequence(argmax == targets, valid)])
+    return res
+
+
+def _eager_mia_1pass(h, w, targets) -> Dict[str, torch.Tensor]:
+    """The same metrics from one logits tensor."""
+    valid = targets != IGNORE
+    logits = h @ w.t()
+    vocab_logp = torch.log_softmax(logits, dim=-1)
+    lp = vocab_logp.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
+    probs = vocab_logp.exp()
+    mu = (probs * vocab_logp).sum(-1)
+    sigma = (probs * vocab_logp.square()).sum(-1) - mu.square()
+    seq_lp = _per_sequence(lp, valid)
+    return dict(loss=torch.stack([-s.float().mean() for s in seq_lp]), min_k=_min_k(seq_lp),
+                min_k_pp=_min_k(_per_sequence((lp - mu) / sigma.clamp_min(1e-6).sqrt(), valid)), entropy=-mu,
+                std_logp=sigma.clamp_min(0).sqrt(), lse=torch.logsumexp(logits, dim=-1),
+                exact_mem=torch.stack([c.float().mean() for c in _per_sequence(logits.argmax(-1) == targets, valid)]))
+
+
+def _fused_mia(h, w, targets, backend) -> Dict[str, torch.Tensor]:
+    from unlearn_fast.ops.token_stats import token_stats
+
+    valid = targets != IGNORE
+    st = token_stats(h, w, targets, stats=ALL_STATS, backend=backend)
+    lp = st["logprob"]
+    seq_lp = _per_sequence(lp, valid)
+    scores = (lp - st["mean_logp"]) / st["std_logp"].clamp_min(1e-3)
+    return dict(loss=torch.stack([-s.mean() for s in seq_lp]), min_k=_min_k(seq_lp),
+                min_k_pp=_min_k(_per_sequence(scores, valid)), entropy=st["entropy"], std_logp=st["std_logp"],
+                lse=st["lse"], exact_mem=torch.stack([c.float().mean()
+                                                      for c in _per_sequence(st["correct"], valid)]))
+
+
+# --------------------------------------------------------------------------- one case
+def _loss_fn(op: str, provider: str, compiled: Dict) -> Callable:
+    """fn(x) -> loss (or the MIA dict) for one provider."""
+    from unlearn_fast.ops.fused_linear import fused_linear_dual_masked_kl
+    from unlearn_fast.ops.losses import cross_entropy
+
+    if op == "cross_entropy":
+        eager = lambda x: _eager_ce(x["h"], x["w"], x["targets"])  # noqa: E731
+        fused = lambda x: cross_entropy(x["h"], x["w"], x["targets"], backend=provider)  # noqa: E731
+    elif op == "fused_linear_dmk":
+        eager = lambda x: _eager_dmk(x["h"], x["w"], x["ht"], x["wt"], x["token_mask"])  # noqa: E731
+        fused = lambda x: fused_linear_dual_masked_kl(  # noqa: E731
+            x["h"], x["w"], x["ht"], x["wt"], x["token_mask"], forget_token_ids=FORGET_IDS, backend=provider)
+    else:
+        if provider == "eager_1pass":
+            return lambda x: _eager_mia_1pass(x["h"], x["w"], x["targets"])
+        eager = lambda x: _eager_mia(x["h"], x["w"], x["targets"])  # noqa: E731
+        fused = lambda x: _fused_mia(x["h"], x["w"], x["targets"], provider)  # noqa: E731
+    if provider == "eager":
+        return eager
+    if provider == "compile":
+        key = (op, "compile")
+        if key not in compiled:
+            compiled[key] = torch.compile(eager, dynamic=False)
+        return compiled[key]
+    return fused
+
+
+def _gemm_rate(dtype, device, hdim, vocab) -> float:
+    """FLOP/s of one (512, H) @ (H, V) head GEMM in ``dtype`` (best of 3)."""
+    a = torch.randn(512, hdim, device=device).to(dtype)
+    b = torch.randn(vocab, hdim, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(3):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b.t()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 512 * hdim * vocab / best
+
+
+def _gemm_count(op: str, mode: str) -> int:
+    """Head GEMMs the eager code needs (per token block): the floor of any implementation
+    that forms the logits."""
+    fwd = {"cross_entropy": 1, "fused_linear_dmk": 2, "token_stats_mia": 1}[op]
+    if mode == "fwd":
+        return fwd
+    return fwd + 1 + (1 if mode == "fwd+bwd" else 0)
+
+
+def run(args, recorder) -> None:
+    device = bench_device(args)
+    ops = _csv(getattr(args, "ops", None), OPS)
+    modes = _csv(getattr(args, "modes", None), MODES[:2] if args.quick else MODES)
+    if args.quick:
+        cases = QUICK_CASES
+    else:
+        heads = _csv(getattr(args, "heads", None), ("llava", "qwen2vl"))
+        tokens = getattr(args, "tokens", None)
+        if tokens:
+            cases = [(hd, int(n)) for hd in heads for n in tokens.split(",")]
+        else:
+            cases = [(hd, n) for hd, n in CASES if hd in heads]
+    reps = getattr(args, "reps", None) or (2 if args.quick else 3)
+    dtypes = bench_dtypes(args, default=("float32",) if args.quick else ("float32", "bfloat16"))
+    gen = torch.Generator().manual_seed(0)
+    compiled: Dict = {}
+    for head, n in cases:
+        hdim, vocab = HEADS[head]
+        for dtype in dtypes:
+            rate = _gemm_rate(dtype, device, hdim, vocab)
+            recorder.add("gemm", "aten", "fwd", shape_str(M=512, H=hdim, V=vocab), dtype_str(dtype), device,
+                         "gemm_flops_per_s", rate)
+            x = _inputs(head, n, dtype, device, gen)
+            shape = shape_str(N=n, H=hdim, V=vocab)
+            for op in ops:
+                providers = bench_providers(args, "token_stats" if op != "fused_linear_dmk" else
+                                            "fused_linear_dual_masked_kl", device)
+                if args.quick and not getattr(args, "backends", None):
+                    providers = [p for p in providers if p != "compile"]
+                if op == "token_stats_mia":
+                    providers = providers[:1] + ["eager_1pass"] + providers[1:]
+                for mode in modes:
+                    if op == "token_stats_mia" and mode != "fwd":
+                        continue  # the MIA extras carry no gradient
+                    _run_case(recorder, op, mode, providers, x, shape, dtype, device, reps, compiled,
+                              floor=_gemm_count(op, mode) * 2 * n * hdim * vocab / rate)
+            del x
+            gc.collect()
+
+
+def _run_case(recorder, op, mode, providers, x, shape, dtype, device, reps, compiled, floor) -> None:
+    trainable = mode == "fwd+bwd"
+    w = x["w"].detach().requires_grad_(trainable)
+    # fused_linear_dmk: a trainable student head has a separate frozen teacher head; a
+    # frozen one is shared by student and teacher (LoRA)
+    wt = x["w"].detach().clone() if trainable else w
+    h = x["h"].detach().requires_grad_(mode != "fwd")
+    inputs = dict(x, h=h, w=w, wt=wt)
+    grad_bytes = (h.numel() * h.element_size() + (w.numel() * w.element_size() if trainable else 0)
+                  if mode != "fwd" else 0)
+    eager_med = eager_peak = None
+    for provider in providers:
+        fn = _loss_fn(op, provider, compiled)
+        cpu_times: List[float] = []
+
+        def step():
+            c0 = time.process_time()
+            if mode == "fwd":
+                with torch.no_grad():
+                    out = fn(inputs)
+            else:
+                out = torch.autograd.grad(fn(inputs), [h, w] if trainable else [h])
+            synchronize(device)
+            cpu_times.append(time.process_time() - c0)
+            return out
+
+        try:
+            times = time_fn(step, device, warmup=1, reps=reps, max_seconds=120.0)
+            cpu_times = cpu_times[1:]  # drop the warm-up
+            peak = peak_memory(step, device)
+        except Exception as exc:  # e.g. out of memory: record and go on
+            print(f"  {op} {provider} {mode} {shape} {dtype_str(dtype)} failed: {type(exc).__name__}: {exc}")
+            continue
+        beyond = max(0, peak - grad_bytes)
+        med = recorder.add_timing(op, provider, mode, shape, dtype_str(dtype), device, times, peak_bytes=peak,
+                                  eager_median=eager_med, floor_seconds=floor)
+        recorder.add(op, provider, mode, shape, dtype_str(dtype), device, "peak_mem_beyond_grad_bytes", beyond)
+        # CPU seconds of this process (all threads): steadier than wall time on a shared machine
+        recorder.add(op, provider, mode, shape, dtype_str(dtype), device, "cpu_time_median_s",
+                     statistics.median(cpu_times))
+        if eager_peak:
+            recorder.add(op, provider, mode, shape, dtype_str(dtype), device, "mem_ratio_to_eager", beyond / eager_peak)
+        if provider == "eager":
+            eager_med, eager_peak = med, beyond
+        gc.collect()
