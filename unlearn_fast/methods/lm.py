@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from unlearn_fast.methods._pending_ops import fused_linear_dual_masked_kl
+from unlearn_fast.ops.fused_linear import fused_linear_dual_masked_kl
 from unlearn_fast.ops.dual_masked_kl import build_vocab_mask
 from unlearn_fast.ops.losses import cross_entropy, sequence_logprob
 from unlearn_fast.ops.token_stats import token_stats

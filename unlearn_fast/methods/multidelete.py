@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from unlearn_fast.methods._pending_ops import derangement, modality_decoupling_loss
+from unlearn_fast.ops.modality import derangement, modality_decoupling_loss
 from unlearn_fast.methods.methods import COMMON_DEFAULTS
 from unlearn_fast.methods.trainer import BatchStream, Trainer, seed_everything, trim_log
 from unlearn_fast.models.adapters import CLIPAdapter, UnsupportedModelError, get_adapter
