@@ -169,7 +169,7 @@ def _bad_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["model_missing", "data_missing", "bad_row", "concept", "backbone", "llama",
-                                  "out_in_model", "multidelete_clip_on_llava", "multidelete_llava_on_clip", "bad_set", "bad_global_set"])
+                                  "out_in_model", "multidelete_clip_on_llava", "multidelete_llava_on_clip", "fsdp_single_process", "bad_set", "bad_global_set"])
 def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case):
     out = tmp_path / "out"
     args = {"model": assets["llava"], "data": assets["data"], "concept": "seven", "method": "ga", "extra": []}
@@ -183,6 +183,7 @@ def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case)
         "out_in_model": (None, None, "overlaps the input model folder"),
         "multidelete_clip_on_llava": ("method", "multidelete", "multidelete.arch=clip, but --model"),
         "multidelete_llava_on_clip": ("method", "multidelete", "multidelete.arch=llava, but --model"),
+        "fsdp_single_process": (None, None, "--fsdp shards the model across processes"),
         "bad_set": (None, None, "ga has no hyperparameter(s) ['betta']"),
         "bad_global_set": (None, None, "no selected method has a hyperparameter 'betta'"),
     }[case]
@@ -199,6 +200,8 @@ def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case)
         args["extra"] = ["--set", "multidelete.arch=clip"]
     elif case == "multidelete_llava_on_clip":
         args["model"], args["extra"] = assets["clip"], ["--set", "multidelete.arch=llava"]
+    elif case == "fsdp_single_process":
+        args["extra"] = ["--fsdp"]
     elif case == "bad_set":
         args["extra"] = ["--set", "ga.betta=1"]
     elif case == "bad_global_set":
