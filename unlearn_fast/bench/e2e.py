@@ -20,10 +20,16 @@ from unlearn_fast.bench.common import bench_device, shape_str
 from unlearn_fast.bench.harness import peak_memory, time_fn
 
 DESCRIPTION = "end-to-end unlearning step (SIU, NPO, GA+KL) on a wide-vocabulary LLaVA: eager vs fused losses"
-# name -> shape; "lora": rank forced on every method (0: each method's preset)
-SHAPES = [dict(V=32000, H=4096, B=8, lora=0), dict(V=151936, H=3584, B=4, lora=8)]
+# head name -> shape; "lora": rank forced on every method (0: each method's preset)
+HEADS = {"llava": dict(V=32000, H=4096, B=8, lora=0), "qwen2vl": dict(V=151936, H=3584, B=4, lora=8)}
 QUICK_SHAPES = [dict(V=8192, H=64, B=4, lora=0)]
 METHODS = ("siu", "npo", "ga_kl")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--e2e-heads", default="llava,qwen2vl",
+                        help="comma-separated head shapes for the e2e suite: llava (H=4096, V=32000), "
+                             "qwen2vl (H=3584, V=151936)")
 
 
 def fused_providers(device: str):
@@ -87,7 +93,14 @@ def run(args, recorder) -> None:
     from unlearn_fast.models.builtin import builtin_tokenizer, tiny_llava_config
 
     device = bench_device(args)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.quick:
+        shapes = QUICK_SHAPES
+    else:
+        names = [n for n in getattr(args, "e2e_heads", "llava,qwen2vl").split(",") if n]
+        unknown = [n for n in names if n not in HEADS]
+        if unknown:
+            raise ValueError(f"--e2e-heads: unknown {unknown}; choose from {sorted(HEADS)}")
+        shapes = [HEADS[n] for n in names]
     reps = 2 if args.quick else 3
     task = load_builtin_task()
     tok = builtin_tokenizer(task)

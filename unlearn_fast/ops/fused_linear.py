@@ -35,8 +35,9 @@ How the fused backends compute it (cpp, cuda, triton):
   the CUDA/triton loops process every chunk (skipping would need a host sync).
 
 Chunk size (``default_chunk_size``): the two float32 (chunk, V) logits buffers within
-128 MiB (64 MiB in bfloat16), rounded down to a multiple of 8 (at least 8, at most the
-number of tokens): 520 tokens at V = 32,000, 104 at V = 151,936.  Extra memory beyond
+128 MiB, rounded down to a multiple of 8, but at least 256 rows (thin GEMMs run far below
+the BLAS peak) and balanced over the tokens (see ``_linear_head.default_chunk_size``): 520
+tokens at V = 32,000, 256 at V = 151,936.  Extra memory beyond
 inputs and returned gradients: those buffers, the saved statistics (20 bytes a token),
 the per-row hidden gradient (N x H, the size of the returned one), and for a trainable
 bfloat16/float16 head the float32 (V, H) weight-gradient accumulator (a float32 head
@@ -65,8 +66,9 @@ OP = "fused_linear_dual_masked_kl"
 
 def default_chunk_size(vocab_size: int, num_tokens: Optional[int] = None) -> int:
     """Tokens per chunk: two float32 (chunk, V) buffers (student and teacher logits)
-    within 128 MiB (see ``_linear_head.default_chunk_size``): 520 at V = 32,000, 104 at
-    V = 151,936."""
+    within 128 MiB, at least 256 rows, balanced over ``num_tokens`` (see
+    ``_linear_head.default_chunk_size``): 520 at V = 32,000 and 256 at V = 151,936 without
+    num_tokens."""
     return _default_chunk_size(vocab_size, 2, num_tokens)
 
 
@@ -364,7 +366,7 @@ def fused_linear_dual_masked_kl(student_hidden: torch.Tensor, student_weight: to
         return reduce_rows(rows, ks, reduction, lead_shape, siu_denominator_scale=vocab)
 
     if chunk_size is None:
-        chunk_size = default_chunk_size(vocab)
+        chunk_size = default_chunk_size(vocab, num_tokens=sh.shape[0])
     grad_on = torch.is_grad_enabled()
     summed = reduction != "none"
     grad_hidden = grad_on and student_hidden.requires_grad

@@ -31,8 +31,9 @@ true-class term included, stored in the input dtype) while it is at hand, and
   * otherwise (per-token log-probs with an arbitrary grad_output, e.g. NPO) the backward
     recomputes each chunk's logits for the weight/bias gradients only.
 
-The default chunk size keeps one float32 chunk, chunk_size x V x 4 bytes, within 128 MiB
-(64 MiB in bfloat16; ``default_chunk_size``): 1048 tokens at V = 32,000, 216 at
+The default chunk size (``default_chunk_size``) keeps one float32 chunk, chunk_size x V x 4
+bytes, within 128 MiB, but never below 256 rows (thin GEMMs run far below the BLAS peak)
+and balanced over the tokens: at most 1048 tokens a chunk at V = 32,000, 256 at
 V = 151,936.
 """
 from __future__ import annotations
@@ -54,8 +55,9 @@ STATS = ("logprob", "lse", "entropy", "mean_logp", "std_logp", "argmax", "correc
 
 
 def default_chunk_size(vocab_size: int, num_tokens: Optional[int] = None) -> int:
-    """Tokens per chunk: one float32 (chunk, V) buffer within 128 MiB (see
-    ``_linear_head.default_chunk_size``): 1048 at V = 32,000, 216 at V = 151,936."""
+    """Tokens per chunk: one float32 (chunk, V) buffer within 128 MiB, at least 256 rows,
+    balanced over ``num_tokens`` (see ``_linear_head.default_chunk_size``): 1048 at
+    V = 32,000 and 256 at V = 151,936 without num_tokens."""
     return _default_chunk_size(vocab_size, 1, num_tokens)
 
 
@@ -500,7 +502,7 @@ def _check_linear_inputs(hidden, weight, targets, bias, ignore_index, chunk_size
     lead_shape = hidden.shape[:-1]
     t = _check_targets(targets, "targets", lead_shape, vocab, hidden.device, ignore_index)
     if chunk_size is None:
-        chunk_size = default_chunk_size(vocab)
+        chunk_size = default_chunk_size(vocab, num_tokens=lead_shape.numel())
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return t, lead_shape, chunk_size
