@@ -99,38 +99,73 @@ def _rss_bytes() -> int:
     return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
 
 
-_MALLOC_TUNED = False
+# glibc's malloc policy during a peak-memory measurement, and outside it.
+#
+# By default glibc serves requests of 128 KiB or more with mmap, but its threshold is
+# dynamic: each free of an mmap'd chunk raises it to that chunk's size (at most 32 MiB,
+# DEFAULT_MMAP_THRESHOLD_MAX on 64-bit) and sets the trim threshold to twice that.  Freed
+# heap memory is then recycled without leaving the RSS, which would hide temporaries from
+# the RSS sampler, so the sampler pins a 64 KiB mmap threshold while it runs.  That policy
+# must not outlive the measurement: every 8 MiB temporary would be a fresh mmap, zeroed page
+# by page by the kernel, and munmap'd on free (measured ~100x slower per allocate-and-touch;
+# the saliency suite saw eager 7x slower after a memory measurement).
+#
+# glibc has no getter for these values, and once mallopt sets one of them the dynamic
+# adjustment stays off for good.  So on leaving the sampler we pin the dynamic policy's
+# steady state instead -- the state a process that has freed a tensor of 32 MiB or more is
+# in anyway (every benchmark has, in its warm-up): mmap threshold 32 MiB, trim threshold
+# 64 MiB.  Timings before and after a memory measurement then see the same allocator, so
+# the order of time and memory measurements does not matter.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_POLICIES = {
+    "rss": {M_MMAP_THRESHOLD: 64 * 2**10, M_TRIM_THRESHOLD: 128 * 2**10},
+    "steady": {M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 64 * 2**20},
+}
+# "default" (glibc's own, dynamic: never touched), "rss" or "steady"; "unsupported" when
+# libc is not glibc.  Tests read it to check that the RSS policy never outlives a sampler.
+malloc_policy = "default"
 _LIBC = None
+_LIBC_LOADED = False
+
+
+def _glibc():
+    global _LIBC, _LIBC_LOADED
+    if not _LIBC_LOADED:
+        _LIBC_LOADED = True
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt  # noqa: B018  (AttributeError if this libc has no mallopt)
+            libc.malloc_trim
+            _LIBC = libc
+        except (OSError, AttributeError):  # not glibc: the sampler still works, less precisely
+            _LIBC = None
+    return _LIBC
+
+
+def set_malloc_policy(name: str) -> str:
+    """Pin glibc's mmap and trim thresholds to policy ``name`` ("rss" or "steady");
+    returns the previous policy name."""
+    global malloc_policy
+    previous = malloc_policy
+    libc = _glibc()
+    if libc is None:
+        malloc_policy = "unsupported"
+        return previous
+    for param, value in MALLOC_POLICIES[name].items():
+        libc.mallopt(param, value)
+    malloc_policy = name
+    return previous
 
 
 def _release_free_heap() -> None:
     """malloc_trim(0): give the free chunks glibc still holds back to the OS.  Memory freed
-    before the mmap threshold was fixed stays resident in the heap, and a tensor that later
+    before the mmap threshold was lowered stays resident in the heap, and a tensor that later
     reuses it would not raise the RSS (a fused op's panels read as 0 bytes)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _tune_malloc_for_rss() -> None:
-    """Make glibc serve every allocation of 64 KiB or more with mmap, and unmap it on free.
-
-    By default glibc raises its mmap threshold after the first large free (up to 32 MiB)
-    and then recycles freed heap memory without it ever leaving the RSS, which hides
-    temporaries from the sampler.  A fixed threshold makes RSS follow tensor lifetimes."""
-    global _MALLOC_TUNED, _LIBC
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
-        _LIBC = libc
-    except (OSError, AttributeError):  # not glibc: the sampler still works, less precisely
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class _RssSampler:
@@ -138,7 +173,8 @@ class _RssSampler:
 
     torch has no CPU allocator statistics; large tensors are mmap'd and returned to the
     OS on free, so RSS tracks them.  The peak is reported relative to the RSS before the
-    block (inputs already allocated are not counted)."""
+    block (inputs already allocated are not counted).  glibc's "rss" malloc policy holds
+    only while the block runs (see MALLOC_POLICIES)."""
 
     def __init__(self, interval: float = 2e-4):
         self.interval = interval
@@ -146,7 +182,7 @@ class _RssSampler:
         self._stop = threading.Event()
 
     def __enter__(self):
-        _tune_malloc_for_rss()
+        set_malloc_policy("rss")
         gc.collect()
         _release_free_heap()
         self.base = _rss_bytes()
@@ -164,6 +200,7 @@ class _RssSampler:
         self.peak = max(self.peak, _rss_bytes())
         self._stop.set()
         self._thread.join()
+        set_malloc_policy("steady")
 
     @property
     def extra(self) -> int:

@@ -20,8 +20,8 @@ fraction shows what the radix passes cost.
 
 Timing: the providers of one op run interleaved within each repetition (order rotated),
 so that load changes on a shared machine hit them alike; all timings are taken before
-any peak-memory measurement (the RSS sampler retunes glibc's malloc, which would slow the
-eager loops' temporaries).  ``OMP_NUM_THREADS=1`` compares single-core throughput, free
+any peak-memory measurement (the RSS sampler's malloc policy is scoped to the measurement,
+see harness.MALLOC_POLICIES, so the order no longer matters; timing first keeps it so).  ``OMP_NUM_THREADS=1`` compares single-core throughput, free
 of the OpenMP barrier stalls that oversubscribed machines inflict on the eager loops.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from unlearn_fast.bench.common import bench_device, bench_dtypes, dtype_str, shape_str
-from unlearn_fast.bench.harness import peak_memory, synchronize, time_fn
+from unlearn_fast.bench.harness import _release_free_heap, peak_memory, synchronize, time_fn
 
 DESCRIPTION = "saliency: Fisher accumulation, masks, global top-k, gradient transform vs per-parameter loops"
 
@@ -263,8 +263,8 @@ def run(args, recorder) -> None:
     shape = shape_str(tensors=len(shapes), weights=n, layers=LAYERS)
     dtypes = bench_dtypes(args, default=("float32",) if args.quick else ("float32", "bfloat16"))
     # Phase 1, times; phase 2, peak memory.  The RSS sampler switches glibc to mmap for
-    # every allocation of 64 KiB or more, which would slow the eager loops' temporaries in
-    # any timing taken after it: so every timing comes first.
+    # every allocation of 64 KiB or more only while it samples; timing first anyway keeps the
+    # timings independent of that policy.
     for phase in ("time", "memory"):
         for dtype in dtypes:
             dt = dtype_str(dtype)
@@ -310,12 +310,7 @@ def _release_free_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc malloc_trim), so that memory the
     next measurement allocates shows up in the RSS instead of reusing resident pages."""
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    _release_free_heap()
 
 
 def _accumulate_plus_transform(recorder, medians, providers, shape, dt, device) -> None:
