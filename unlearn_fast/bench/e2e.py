@@ -65,6 +65,7 @@ def run(args, recorder) -> None:
     device = bench_device(args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     reps = 2 if args.quick else 3
+    threads = torch.get_num_threads()  # bench --threads (one with --quick on the CPU)
     task = load_builtin_task()
     tok = builtin_tokenizer(task)
     providers = ["eager"] + fused_providers(device)
@@ -75,7 +76,7 @@ def run(args, recorder) -> None:
         torch.manual_seed(0)
         model = LlavaForConditionalGeneration(tiny_llava_config(tok, text_hidden=sh["H"], text_layers=2,
                                                                 vocab_size=sh["V"])).to(device).eval()
-        shape = shape_str(**sh)
+        shape = shape_str(**sh, threads=threads) if device == "cpu" else shape_str(**sh)
         for name in METHODS:
             eager_med = eager_peak = None
             for provider in providers:
