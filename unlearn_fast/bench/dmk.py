@@ -12,8 +12,10 @@ from unlearn_fast.bench.harness import measured_bandwidth, peak_memory, time_fn
 from unlearn_fast.ops.dual_masked_kl import dual_masked_kl
 
 DESCRIPTION = "dual masked KL (SIU): eager vs compile vs fused, fwd and fwd+bwd"
-SHAPES = [(2048, 32000), (1024, 151936)]  # LLaVA-1.5 and Qwen2-VL vocabularies
-QUICK_SHAPES = [(256, 4099)]
+# Tokens N at LLaVA-1.5's vocabulary, then vocabularies V at N=1024 up to Qwen2-VL's: three
+# points on each line of the plots (bench/plots.py)
+SHAPES = [(512, 32000), (1024, 32000), (2048, 32000), (1024, 65536), (1024, 151936)]
+QUICK_SHAPES = [(256, 4099), (512, 4099), (256, 8191)]  # two short lines, vs N and vs V
 
 
 def _loss_fn(provider: str, forget_ids):
@@ -33,7 +35,7 @@ def run(args, recorder) -> None:
         providers.remove("compile")
         print("  (--quick: torch.compile provider skipped; add --backends eager,compile,... to include it)")
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    reps = 2 if args.quick else 5
+    reps = 5  # --quick too: eager's first calls after a memory measurement regrow its heap
     bandwidth = measured_bandwidth(device)
     recorder.add("bandwidth", "copy", "copy", "256MiB", "float32", device, "bandwidth_gbps", bandwidth / 1e9)
     gen = torch.Generator().manual_seed(0)

@@ -64,7 +64,7 @@ def run(args, recorder) -> None:
 
     device = bench_device(args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    reps = 2 if args.quick else 3
+    reps = 3
     threads = torch.get_num_threads()  # bench --threads (one with --quick on the CPU)
     task = load_builtin_task()
     tok = builtin_tokenizer(task)

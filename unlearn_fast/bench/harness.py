@@ -114,8 +114,10 @@ def _rss_bytes() -> int:
 # adjustment stays off for good.  So on leaving the sampler we pin the dynamic policy's
 # steady state instead -- the state a process that has freed a tensor of 32 MiB or more is
 # in anyway (every benchmark has, in its warm-up): mmap threshold 32 MiB, trim threshold
-# 64 MiB.  Timings before and after a memory measurement then see the same allocator, so
-# the order of time and memory measurements does not matter.
+# 64 MiB.  ``unlearn-fast bench`` pins that state at start too (bench.run_bench), so timings
+# before and after a memory measurement see the same allocator: the order of time and
+# memory measurements does not matter.  (Eager's first calls after a measurement still
+# regrow the trimmed heap: the suites time several calls after a warm-up.)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MALLOC_POLICIES = {
     "rss": {M_MMAP_THRESHOLD: 64 * 2**10, M_TRIM_THRESHOLD: 128 * 2**10},

@@ -41,9 +41,20 @@ from unlearn_fast.bench.common import bench_device, bench_dtypes, bench_provider
 from unlearn_fast.bench.harness import peak_memory, synchronize, time_fn
 
 DESCRIPTION = "head-level fused ops (linear CE, fused linear DMK, token stats + MIA): eager vs compile vs fused"
-HEADS = {"llava": (4096, 32000), "qwen2vl": (3584, 151936), "tiny": (256, 4099)}
-# (head, tokens) cases of the full run: LLaVA-1.5-7B and Qwen2-VL-7B heads
-CASES = [("llava", 512), ("llava", 2048), ("llava", 4096), ("llava", 8192), ("qwen2vl", 512), ("qwen2vl", 2048)]
+# head name -> (hidden H, vocabulary V): LLaVA-1.5-7B's and Qwen2-VL-7B's heads, and H=4096
+# heads of wider vocabularies (the V axis of the plots at a fixed H)
+HEADS = {"llava": (4096, 32000), "qwen2vl": (3584, 151936), "h4096-v65536": (4096, 65536),
+         "h4096-v151936": (4096, 151936), "tiny": (256, 4099)}
+# (head, tokens) cases of the full run on a GPU: tokens N at V=32000 (4 points), vocabularies V
+# at N=2048 (3 points), and Qwen2-VL's real head
+CASES = [("llava", 512), ("llava", 2048), ("llava", 4096), ("llava", 8192), ("h4096-v65536", 2048),
+         ("h4096-v151936", 2048), ("qwen2vl", 512), ("qwen2vl", 2048)]
+# The full run on the CPU: the same lines at 1/32 of the tokens, float32, fwd and fwd+bwd, no
+# torch.compile (compiling 30 graphs alone takes longer): a 2-core machine does the GPU list's
+# head GEMMs at ~50-100 GFLOP/s, hours for the list above, ~6-12 minutes for this one.
+# --heads/--tokens/--modes/--dtypes/--backends ask for more.
+CPU_CASES = [("llava", 64), ("llava", 128), ("llava", 256), ("h4096-v65536", 64), ("h4096-v151936", 64)]
+CPU_MODES = ("fwd", "fwd+bwd")
 # --quick: float32 only, fwd and fwd+bwd, no torch.compile (its compile time alone is minutes)
 QUICK_CASES = [("tiny", 512)]
 OPS = ("cross_entropy", "fused_linear_dmk", "token_stats_mia")
@@ -58,7 +69,9 @@ ALL_STATS = ("logprob", "lse", "entropy", "mean_logp", "std_logp", "argmax", "co
 
 def add_arguments(parser) -> None:
     parser.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)}")
-    parser.add_argument("--heads", default=None, help="comma-separated heads: llava,qwen2vl (default both)")
+    parser.add_argument("--heads", default=None,
+                        help=f"comma-separated heads of {','.join(h for h in HEADS if h != 'tiny')} "
+                             "(default: those of the device's case list)")
     parser.add_argument("--tokens", default=None, help="comma-separated token counts N (default per head)")
     parser.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 3)")
@@ -220,18 +233,23 @@ def _gemm_count(op: str, mode: str) -> int:
 def run(args, recorder) -> None:
     device = bench_device(args)
     ops = _csv(getattr(args, "ops", None), OPS)
-    modes = _csv(getattr(args, "modes", None), MODES[:2] if args.quick else MODES)
+    on_cpu = device == "cpu"
+    modes = _csv(getattr(args, "modes", None), MODES[:2] if args.quick else CPU_MODES if on_cpu else MODES)
     if args.quick:
         cases = QUICK_CASES
     else:
-        heads = _csv(getattr(args, "heads", None), ("llava", "qwen2vl"))
+        full = CPU_CASES if on_cpu else CASES
+        heads = _csv(getattr(args, "heads", None), dict.fromkeys(hd for hd, _ in full))
+        unknown = [hd for hd in heads if hd not in HEADS]
+        if unknown:
+            raise ValueError(f"--heads: unknown {unknown}; choose from {sorted(HEADS)}")
         tokens = getattr(args, "tokens", None)
         if tokens:
             cases = [(hd, int(n)) for hd in heads for n in tokens.split(",")]
         else:
-            cases = [(hd, n) for hd, n in CASES if hd in heads]
-    reps = getattr(args, "reps", None) or (2 if args.quick else 3)
-    dtypes = bench_dtypes(args, default=("float32",) if args.quick else ("float32", "bfloat16"))
+            cases = [(hd, n) for hd, n in full if hd in heads]
+    reps = getattr(args, "reps", None) or (5 if args.quick else 3)
+    dtypes = bench_dtypes(args, default=("float32",) if args.quick or on_cpu else ("float32", "bfloat16"))
     gen = torch.Generator().manual_seed(0)
     compiled: Dict = {}
     for head, n in cases:
@@ -245,7 +263,7 @@ def run(args, recorder) -> None:
             for op in ops:
                 providers = bench_providers(args, "token_stats" if op != "fused_linear_dmk" else
                                             "fused_linear_dual_masked_kl", device)
-                if args.quick and not getattr(args, "backends", None):
+                if (args.quick or on_cpu) and not getattr(args, "backends", None):
                     providers = [p for p in providers if p != "compile"]
                 if op == "token_stats_mia":
                     providers = providers[:1] + ["eager_1pass"] + providers[1:]

@@ -203,7 +203,7 @@ def run(args, recorder) -> None:
     bad = [f for f in forms if f not in FORMS]
     if bad:
         raise ValueError(f"UF_BENCH_MULTIDELETE_FORMS: unknown {bad}; choose from {FORMS}")
-    reps = 2 if args.quick else 5
+    reps = 5  # --quick too: short calls, and eager needs a few to warm its heap
     budget = _eager_budget(device)
     bandwidth = measured_bandwidth(device)
     gemm_rate = measured_gemm_flops(device)

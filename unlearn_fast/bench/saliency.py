@@ -254,7 +254,7 @@ def run(args, recorder) -> None:
     hidden, inter = QUICK_DIMS if args.quick else FULL_DIMS
     shapes = model_shapes(hidden, inter)
     n = sum(math.prod(s) for s in shapes)
-    reps = 2 if args.quick else 5
+    reps = 5  # --quick too: short calls, and eager needs a few to warm its heap
     mib = 128 if args.quick else 512  # both well above the last-level cache
     bandwidth = stream_bandwidth(device, mib)
     recorder.add("bandwidth", "stream_add", "b+=a", f"{mib}MiB", "float32", device, "bandwidth_gbps", bandwidth / 1e9)
