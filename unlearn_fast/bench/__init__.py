@@ -44,6 +44,9 @@ def run_bench(args) -> int:
         gc.unfreeze()
     print(f"== bench {args.suite}{' --quick' if args.quick else ''}: {time.perf_counter() - start:.1f} s in all",
           flush=True)
+    from unlearn_fast.bench.summary import suite_auto_lookup, summarize, to_markdown
+
+    print(to_markdown(summarize(recorder.as_dicts(), suite_auto_lookup()), title=f"bench {args.suite}"), flush=True)
     if args.out:
         for path in recorder.write(args.out, plot=not args.no_plot):
             print(f"wrote {path}")

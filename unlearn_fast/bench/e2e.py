@@ -22,6 +22,15 @@ QUICK_SHAPES = [dict(V=8192, H=64, B=4)]
 METHODS = ("siu", "npo", "ga_kl")
 
 
+def auto_provider(op, shape, dtype, device):
+    """The methods' default backend is "auto": the token-statistics op's choice (summary.md)."""
+    if not op.startswith("e2e_"):
+        return None
+    from unlearn_fast.bench.summary import registry_auto
+
+    return registry_auto("token_stats", shape, dtype, device)
+
+
 def fused_providers(device: str):
     from unlearn_fast import backends
     import unlearn_fast.ops.registry_all  # noqa: F401

@@ -5,7 +5,8 @@ Schema: one row per measurement
 ``shape`` is a string like "N=2048,V=32000"; ``metric`` is one of
     time_median_s, time_iqr_s, peak_mem_bytes, ratio_to_eager (eager time / this time),
     mem_ratio_to_eager, bandwidth_gbps, roofline_floor_s, roofline_fraction, tokens_per_s ...
-``Recorder.write(out_dir)`` writes bench.json (a list of rows), bench.csv, and plots.
+``Recorder.write(out_dir)`` writes bench.json (a list of rows), bench.csv, summary.md
+(bench/summary.py) and plots (bench/plots.py).
 """
 from __future__ import annotations
 
@@ -286,7 +287,8 @@ class Recorder:
         return [asdict(r) for r in self.rows]
 
     def write(self, out_dir: str, plot: bool = True) -> List[str]:
-        """Write out_dir/bench.json (list of rows) and bench.csv atomically; plots too."""
+        """Write out_dir/bench.json (list of rows), bench.csv and summary.md atomically,
+        merged with the rows of earlier runs into the same folder; plots too."""
         os.makedirs(out_dir, exist_ok=True)
         rows = self.as_dicts()
         validate_rows(rows)
@@ -302,6 +304,9 @@ class Recorder:
                 pass
         written = [write_atomic_json(path, rows)]
         written.append(_write_atomic_csv(os.path.join(out_dir, "bench.csv"), rows))
+        from unlearn_fast.bench.summary import write_summary
+
+        written.append(write_summary(rows, out_dir))
         if plot:
             from unlearn_fast.bench.plots import plot_rows
 
@@ -314,6 +319,15 @@ def write_atomic_json(path: str, obj) -> str:
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def write_atomic_text(path: str, text: str) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
     return path
 

@@ -81,6 +81,17 @@ def _csv(value, default):
     return tuple(value.split(",")) if value else tuple(default)
 
 
+def auto_provider(op, shape, dtype, device):
+    """What backend="auto" runs for this suite's ops (summary.md)."""
+    registry_op = {"cross_entropy": "token_stats", "token_stats_mia": "token_stats",
+                   "fused_linear_dmk": "fused_linear_dual_masked_kl"}.get(op)
+    if registry_op is None:
+        return None
+    from unlearn_fast.bench.summary import registry_auto
+
+    return registry_auto(registry_op, shape, dtype, device)
+
+
 # --------------------------------------------------------------------------- inputs
 def _inputs(head: str, n: int, dtype, device, gen):
     hdim, vocab = HEADS[head]

@@ -49,6 +49,23 @@ def _env_ints(name, default):
     return tuple(int(v) for v in raw.split(",")) if raw else default
 
 
+def auto_provider(op, shape, dtype, device):
+    """What backend="auto" runs for this suite's ops (summary.md), including
+    similarity_matching_loss's own routing of small batches to eager on the CPU."""
+    from unlearn_fast.bench.plots import parse_shape
+    from unlearn_fast.bench.summary import registry_auto
+    from unlearn_fast.ops.modality import AUTO_EAGER_MAX_ELEMENTS
+
+    if op == "modality_decoupling":
+        return registry_auto(OP_DECOUPLING, shape, dtype, device)
+    if op not in ("similarity_mse", "similarity_kl"):
+        return None
+    b = parse_shape(shape).get("B")
+    if device == "cpu" and isinstance(b, int) and b * b <= AUTO_EAGER_MAX_ELEMENTS:
+        return "eager"
+    return registry_auto(OP_SIMILARITY, shape, dtype, device)
+
+
 def _eager_budget(device: str) -> float:
     raw = os.environ.get("UF_BENCH_EAGER_MAX_GIB")
     if raw:

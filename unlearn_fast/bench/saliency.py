@@ -56,6 +56,19 @@ def model_shapes(hidden: int, intermediate: int, layers: int = LAYERS) -> List[t
     return per_layer * layers
 
 
+OPS = ("fisher_accumulate", "transform_mask_clip", "transform_geometry_proj", "salun_reset", "ratio_mask",
+       "topk_threshold", "topk_mask", "accumulate+transform")
+
+
+def auto_provider(op, shape, dtype, device):
+    """What backend="auto" runs for this suite's ops (summary.md): every one is the saliency op."""
+    if op not in OPS:
+        return None
+    from unlearn_fast.bench.summary import registry_auto
+
+    return registry_auto("saliency", shape, dtype, device)
+
+
 _STREAM_BW: Dict[str, float] = {}
 
 
