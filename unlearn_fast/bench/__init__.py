@@ -32,6 +32,10 @@ def run_bench(args) -> int:
         # made the eager loops' times swing by 10x (saliency, e2e, eval; measured)
         threads = 1
     names = list(SUITES) if args.suite == "all" else [args.suite]
+    if {"dmk", "linear"} & set(names):
+        from unlearn_fast.bench import peers
+
+        peers.report(device)  # which peer kernels run as providers, or why not (once per run)
     # one allocator policy for every timing, whether or not a memory measurement came first
     set_malloc_policy("steady")
     _allow_recompiles()

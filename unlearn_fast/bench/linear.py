@@ -5,7 +5,8 @@ backends (logits never materialised).
 Ops (rows' ``op`` field):
   cross_entropy       linear CE.  eager = transformers' ForCausalLMLoss: logits upcast
                       to float32, F.cross_entropy(ignore_index=-100); fused =
-                      unlearn_fast.cross_entropy.
+                      unlearn_fast.cross_entropy; on CUDA also Liger-Kernel's fused
+                      linear CE and cut-cross-entropy when installed (bench/peers.py).
   fused_linear_dmk    SIU's dual masked KL between the student head on student hidden
                       states and the teacher head on teacher hidden states (token mask,
                       3 forget ids).  eager = both logits, then dual_masked_kl's eager
@@ -37,6 +38,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+from unlearn_fast.bench import peers
 from unlearn_fast.bench.common import bench_device, bench_dtypes, bench_providers, dtype_str, shape_str
 from unlearn_fast.bench.harness import peak_memory, synchronize, time_fn
 
@@ -197,6 +199,9 @@ def _loss_fn(op: str, provider: str, compiled: Dict) -> Callable:
     from unlearn_fast.ops.losses import cross_entropy
 
     if op == "cross_entropy":
+        if peers.is_peer(provider):
+            peer = peers.linear_ce_fn(provider)
+            return lambda x: peer(x["h"], x["w"], x["targets"])
         eager = lambda x: _eager_ce(x["h"], x["w"], x["targets"])  # noqa: E731
         fused = lambda x: cross_entropy(x["h"], x["w"], x["targets"], backend=provider)  # noqa: E731
     elif op == "fused_linear_dmk":
@@ -278,6 +283,7 @@ def run(args, recorder) -> None:
                     providers = [p for p in providers if p != "compile"]
                 if op == "token_stats_mia":
                     providers = providers[:1] + ["eager_1pass"] + providers[1:]
+                providers += peers.bench_peers(args, op, device)  # cross_entropy on CUDA: Liger, CCE
                 for mode in modes:
                     if op == "token_stats_mia" and mode != "fwd":
                         continue  # the MIA extras carry no gradient
@@ -299,7 +305,11 @@ def _run_case(recorder, op, mode, providers, x, shape, dtype, device, reps, comp
                   if mode != "fwd" else 0)
     eager_med = eager_peak = None
     for provider in providers:
-        fn = _loss_fn(op, provider, compiled)
+        try:
+            fn = _loss_fn(op, provider, compiled)
+        except Exception as exc:  # a peer's API changed: record and go on
+            print(f"  {op} {provider} unavailable: {type(exc).__name__}: {exc}")
+            continue
         cpu_times: List[float] = []
 
         def step():
