@@ -283,3 +283,26 @@ def test_profile_rejects_a_bad_size(capsys):
 
     assert cli.main(["profile", "dmk", "--tokens", "0"]) == 2
     assert "--tokens must be at least 1" in capsys.readouterr().err
+
+
+def test_gpu_suite_script_matches_the_cli():
+    """benchmarks/gpu_suite.sh: valid bash, runs every suite by default, and every flag it
+    passes to `unlearn-fast bench` / `profile` exists."""
+    import re
+    import shutil
+    import subprocess
+
+    from unlearn_fast.bench import SUITES
+    from unlearn_fast.cli import build_parser
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_suite.sh")
+    text = open(path).read()
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", path], check=True)
+    default = re.search(r"\$\{SUITES:-([^}]*)\}", text).group(1).split()
+    assert sorted(default) == sorted(SUITES)
+    parser = build_parser()
+    parser.parse_args(["bench", "dmk", "--out", "x", "--no-compile"])
+    profile = re.search(r"unlearn_fast profile (.*?)\\\n(.*?)>", text, re.S)
+    argv = (profile.group(1) + profile.group(2)).replace('"$out/profile"', "x").split()
+    parser.parse_args(["profile", *argv])
