@@ -129,6 +129,22 @@ def test_multidelete_on_clip(assets, tmp_path):
     assert 0.0 <= row["retained_retrieval"] <= 100.0 and "retained_retrieval_drop" in row
 
 
+def test_multidelete_on_llava(assets, tmp_path):
+    """A LLaVA folder runs MultiDelete's LLaVA variant (with LoRA): the pair metrics of
+    the original and of the unlearned model, the input model untouched."""
+    out = tmp_path / "md_llava"
+    before = _digest(assets["llava"])
+    assert _run(assets, out, "--steps", "2", "--lora", "2", method="multidelete", model="llava") == 0
+    assert _digest(assets["llava"]) == before
+    results = json.load(open(out / "results.json"))
+    row = results["methods"][0]
+    assert row["method"] == "multidelete" and 0.0 <= row["pair_auc"] <= 1.0
+    assert 0.0 <= row["retained_retrieval"] <= 100.0 and row["hyperparameters"]["lora"] == 2
+    base = results["base"]["lm_pairs"]
+    assert base["pair_auc"] == pytest.approx(0.5) and base["forget_match"] == pytest.approx(1.0)  # M vs itself
+    assert set(results["base"]) == {"lm_pairs"}  # no language-model evaluation for multidelete alone
+
+
 def _bad_llava_backbone(tmp_path):
     from transformers import LlavaModel
 
@@ -153,7 +169,7 @@ def _bad_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["model_missing", "data_missing", "bad_row", "concept", "backbone", "llama",
-                                  "out_in_model", "multidelete_on_llava", "bad_set", "bad_global_set"])
+                                  "out_in_model", "multidelete_clip_on_llava", "multidelete_llava_on_clip", "fsdp_single_process", "bad_set", "bad_global_set"])
 def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case):
     out = tmp_path / "out"
     args = {"model": assets["llava"], "data": assets["data"], "concept": "seven", "method": "ga", "extra": []}
@@ -165,7 +181,9 @@ def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case)
         "backbone": ("model", None, "has no lm_head"),
         "llama": ("model", None, "model_type 'llama' is not supported"),
         "out_in_model": (None, None, "overlaps the input model folder"),
-        "multidelete_on_llava": ("method", "multidelete", "runs on a CLIPModel"),
+        "multidelete_clip_on_llava": ("method", "multidelete", "multidelete.arch=clip, but --model"),
+        "multidelete_llava_on_clip": ("method", "multidelete", "multidelete.arch=llava, but --model"),
+        "fsdp_single_process": (None, None, "--fsdp shards the model across processes"),
         "bad_set": (None, None, "ga has no hyperparameter(s) ['betta']"),
         "bad_global_set": (None, None, "no selected method has a hyperparameter 'betta'"),
     }[case]
@@ -178,6 +196,12 @@ def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case)
         value = _llama(tmp_path)
     elif case == "out_in_model":
         out = os.path.join(assets["llava"], "results")
+    elif case == "multidelete_clip_on_llava":
+        args["extra"] = ["--set", "multidelete.arch=clip"]
+    elif case == "multidelete_llava_on_clip":
+        args["model"], args["extra"] = assets["clip"], ["--set", "multidelete.arch=llava"]
+    elif case == "fsdp_single_process":
+        args["extra"] = ["--fsdp"]
     elif case == "bad_set":
         args["extra"] = ["--set", "ga.betta=1"]
     elif case == "bad_global_set":

@@ -17,6 +17,10 @@ few steps with the fused backend and with eager in the same run, and write
     DIR/results.json           one object per method (+ "base"), percentages 0-100
     DIR/results.png            the plot
 
+MultiDelete runs on CLIP (the built-in CLIP for ``--model builtin``) or, with a LLaVA /
+Qwen2-VL folder or ``--set multidelete.arch=llava``, on the decoder model with the last
+token's hidden state as the fused representation (``methods.multidelete_llava``).
+
 Everything is validated before DIR is touched; files are written atomically.  Under
 ``torchrun`` / ``accelerate launch`` every rank trains on its share of each batch
 (gradients averaged, the losses' means taken over the global batch) and evaluates its
@@ -58,9 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: each method's preset)")
     p.add_argument("--out", required=True, help="output folder (created; an interrupted run in it resumes)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="hyperparameter override, e.g. lr=1e-3 or siu.preset=reference (repeatable)")
+                   help="hyperparameter override, e.g. lr=1e-3 or siu.preset=reference (repeatable); "
+                        "multidelete.arch=clip|llava|auto picks MultiDelete's model: auto (default) = the built-in "
+                        "CLIP for --model builtin, else the --model folder's class; llava = on the LLaVA (the "
+                        "last token's hidden state as the fused representation)")
     p.add_argument("--lora", type=int, default=None,
-                   help="LoRA rank for the language-model methods (0: full fine-tuning)")
+                   help="LoRA rank for the language-model methods and MultiDelete on LLaVA (0: full fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
@@ -73,6 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; 1 is much faster for the tiny built-in "
                         "models on a busy machine)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun / accelerate launch: shard the model (and a separate frozen reference) with "
+                        "FSDP2 instead of replicating it (language-model methods except mmunlearner; no "
+                        "intermediate checkpoints)")
     p.add_argument("--restart", action="store_true", help="discard earlier results in DIR instead of resuming")
     p.add_argument("--no-progress", action="store_true")
 
@@ -129,6 +140,9 @@ def _check_paths(args) -> None:
         raise RunError(f"--data {args.data!r}: no such file (expected 'builtin' or a .jsonl dataset)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise RunError(f"--out {args.out!r} exists and is not a folder")
+    if getattr(args, "fsdp", False) and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise RunError("--fsdp shards the model across processes: run under torchrun / accelerate launch with 2 or "
+                       "more processes")
     if args.steps is not None and args.steps < 1:
         raise RunError(f"--steps must be >= 1, got {args.steps}")
 
@@ -231,6 +245,10 @@ def _prepare(args) -> dict:
     sets = _parse_sets(args.set)
     methods = list(ALL_METHODS) if args.method == "all" else [args.method]
     overrides = {m: _overrides(m, sets, args) for m in methods}
+    unsharded = [m for m in methods if m in ("multidelete", "mmunlearner")]
+    if getattr(args, "fsdp", False) and unsharded:
+        raise RunError(f"--fsdp: {', '.join(unsharded)} do(es) not run sharded yet (leave out --fsdp for DDP, or "
+                       f"pick another --method)")
     for key in sets.get("*", {}):
         if not any(key in overrides[m] for m in methods):
             raise RunError(f"--set {key}=...: no selected method has a hyperparameter {key!r}")
@@ -247,13 +265,16 @@ def _prepare(args) -> dict:
     if task is not None:
         task.concept(args.concept)  # a clear error listing the concepts, before loading models
 
-    need_lm = any(m != "multidelete" for m in methods)
-    need_clip = "multidelete" in methods
+    # MultiDelete's model: "clip" or "llava" (the decoder VLM the other methods use)
+    md_arch = str(overrides["multidelete"].get("arch", "auto")) if "multidelete" in methods else None
+    if md_arch not in (None, "auto", "clip", "llava"):
+        raise RunError(f"--set multidelete.arch={md_arch}: expected auto, clip or llava")
     lm = clip = None
     if args.model == "builtin":
-        if need_lm:
+        md_arch = "clip" if md_arch == "auto" else md_arch
+        if any(m != "multidelete" for m in methods) or md_arch == "llava":
             lm = load_model("builtin", "lm", device)
-        if need_clip:
+        if md_arch == "clip":
             clip = load_model("builtin", "clip", device)
     else:
         from unlearn_fast.models.adapters import CLIPAdapter, get_adapter
@@ -261,16 +282,21 @@ def _prepare(args) -> dict:
         loaded = load_model(args.model, "any", device)
         if isinstance(get_adapter(loaded[0]), CLIPAdapter):
             clip = loaded
-            if args.method != "all" and need_lm:
+            if args.method != "all" and args.method != "multidelete":
                 raise RunError(f"--method {args.method} needs a vision-language model with an lm_head; "
                                f"--model {args.model!r} is a CLIPModel (use --method multidelete)")
+            if md_arch == "llava":
+                raise RunError(f"--set multidelete.arch=llava, but --model {args.model!r} is a CLIPModel")
             methods = [m for m in methods if m == "multidelete"]
+            md_arch = "clip" if md_arch else None
         else:
             lm = loaded
-            if args.method == "multidelete":
-                raise RunError(f"--method multidelete runs on a CLIPModel; --model {args.model!r} is "
-                               f"{type(loaded[0]).__name__}")
-            methods = [m for m in methods if m != "multidelete"]
+            if md_arch == "clip":
+                raise RunError(f"--set multidelete.arch=clip, but --model {args.model!r} is "
+                               f"{type(loaded[0]).__name__} (MultiDelete runs on it with arch=llava or auto)")
+            md_arch = "llava" if md_arch else None
+    if md_arch == "llava" and args.lora is not None:
+        overrides["multidelete"]["lora"] = args.lora
     if task is None:
         task = (lm or clip)[2]
     concept = task.concept(args.concept or "seven").name
@@ -284,7 +310,7 @@ def _prepare(args) -> dict:
             raise RunError(f"--out {args.out!r} holds a run with other settings ({', '.join(diff)} differ); "
                            f"use another --out or --restart")
     return dict(methods=methods, overrides=overrides, device=device, task=task, concept=concept, lm=lm, clip=clip,
-                settings=settings)
+                settings=settings, md_arch=md_arch)
 
 
 def _execute(args, plan) -> int:
@@ -306,10 +332,12 @@ def _execute(args, plan) -> int:
         _write_json(os.path.join(out, "run.json"), {"settings": plan["settings"], "methods": methods})
 
     rows: Dict[str, dict] = {}
-    base_rows = _base_rows(args, out, task, concept, lm, clip, rank)
+    md_on_lm = plan["md_arch"] == "llava"
+    base_rows = _base_rows(args, out, task, concept, lm if any(m != "multidelete" for m in methods) else None,
+                           clip, rank, lm_pairs=lm if md_on_lm else None)
     for m in methods:
-        rows[m] = _run_one(m, args, out, task, concept, lm if m != "multidelete" else clip, plan["overrides"][m],
-                           base_rows, rank, device)
+        loaded = clip if m == "multidelete" and not md_on_lm else lm
+        rows[m] = _run_one(m, args, out, task, concept, loaded, plan["overrides"][m], base_rows, rank, device)
     if rank == 0:
         results = {"concept": concept, "data": args.data, "model": args.model, "backend": args.backend,
                    "base": base_rows, "methods": [rows[m] for m in methods]}
@@ -320,19 +348,28 @@ def _execute(args, plan) -> int:
     return 0
 
 
-def _evaluate(model, tokenizer, task, concept, args, reference=None) -> dict:
+def _evaluate(model, tokenizer, task, concept, args, reference=None, pairs: bool = False) -> dict:
+    """The language-model metrics, or MultiDelete's pair metrics (CLIP always; a LLaVA
+    with ``pairs``)."""
     from unlearn_fast.metrics import evaluate_pairs, evaluate_task
     from unlearn_fast.models.adapters import CLIPAdapter, get_adapter
 
     adapter = get_adapter(model)
     if isinstance(adapter, CLIPAdapter):
         return evaluate_pairs(model, adapter, tokenizer, task, concept, max_examples=args.eval_max_examples)
+    if pairs:
+        from unlearn_fast.methods.multidelete_llava import evaluate_llava_pairs
+
+        return evaluate_llava_pairs(model, adapter, tokenizer, task, concept, reference_model=reference,
+                                    max_examples=args.eval_max_examples, backend=args.backend)
     return evaluate_task(model, adapter, tokenizer, task, concept, reference_model=reference,
                          max_examples=args.eval_max_examples, max_new_tokens=args.max_new_tokens,
                          backend=args.backend, progress_bar=False)
 
 
-def _base_rows(args, out, task, concept, lm, clip, rank) -> Dict[str, dict]:
+def _base_rows(args, out, task, concept, lm, clip, rank, lm_pairs=None) -> Dict[str, dict]:
+    """The original models' rows: "lm" (language-model metrics), "clip" (MultiDelete's
+    pair metrics on CLIP), "lm_pairs" (the pair metrics on the LLaVA)."""
     path = os.path.join(out, "base.json")
     if os.path.exists(path):
         return _read_json(path)
@@ -342,6 +379,8 @@ def _base_rows(args, out, task, concept, lm, clip, rank) -> Dict[str, dict]:
         rows["lm"] = _clean(_evaluate(lm[0], lm[1], task, concept, args))
     if clip is not None:
         rows["clip"] = _clean(_evaluate(clip[0], clip[1], task, concept, args))
+    if lm_pairs is not None:
+        rows["lm_pairs"] = _clean(_evaluate(lm_pairs[0], lm_pairs[1], task, concept, args, pairs=True))
     if rank == 0:
         _write_json(path, rows)
         print(f"[run] evaluated the original model(s) in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -359,15 +398,19 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
         return _read_json(done)
     model, tokenizer, _ = loaded
     run = run_multidelete if method == "multidelete" else functools_partial(run_lm_method, method)
+    extra = {}
+    if getattr(args, "fsdp", False):
+        extra = {"fsdp": True, "checkpoint_every": 0}
     t0 = time.perf_counter()
     res = run(model, tokenizer, task, concept, backend=args.backend, overrides=overrides, seed=args.seed,
-              out_dir=mdir, progress=not args.no_progress,
-              mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every)
+              out_dir=mdir, progress=not args.no_progress, mixed_precision=args.mixed_precision,
+              **{"checkpoint_every": args.checkpoint_every, **extra})
     train_s = time.perf_counter() - t0
     if res.resumed_from:
         print(f"[run] {method}: resumed from step {res.resumed_from}", flush=True)
     t1 = time.perf_counter()
-    row = _evaluate(res.model, tokenizer, task, concept, args, reference=model)
+    pairs = method == "multidelete"
+    row = _evaluate(res.model, tokenizer, task, concept, args, reference=model, pairs=pairs)
     if method == "siu":
         row = {**row, **_siu_efficacy(res.model, tokenizer, task, concept, args.seed, row, args.max_new_tokens)}
     eval_s = time.perf_counter() - t1
@@ -375,7 +418,7 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
            "train_seconds": train_s, "eval_seconds": eval_s, "wall_seconds": train_s + eval_s,
            "steps": res.hp["steps"], "resumed_from_step": res.resumed_from,
            "hyperparameters": {k: v for k, v in res.hp.items()}}
-    base = base_rows.get("clip" if method == "multidelete" else "lm", {})
+    base = base_rows.get(_base_key(method, model), {})
     if method != "multidelete" and base:
         row["specificity_drop"] = _sub(base.get("specificity"), row.get("specificity"))
         row["text_retention_vs_base"] = _ratio(row.get("text_retention"), base.get("text_retention"))
@@ -393,6 +436,14 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
     if rank == 0:
         _write_json(done, row)
     return row
+
+
+def _base_key(method: str, model) -> str:
+    from unlearn_fast.models.adapters import CLIPAdapter, get_adapter
+
+    if method != "multidelete":
+        return "lm"
+    return "clip" if isinstance(get_adapter(model), CLIPAdapter) else "lm_pairs"
 
 
 def _siu_efficacy(model, tokenizer, task, concept, seed, row, max_new_tokens: int) -> dict:
@@ -471,6 +522,8 @@ def format_results(rows: Dict[str, dict], base_rows: Dict[str, dict], concept: s
         table.append(("original", base_rows["lm"]))
     if "clip" in base_rows:
         table.append(("original-clip", base_rows["clip"]))
+    if "lm_pairs" in base_rows:
+        table.append(("orig-pairs", base_rows["lm_pairs"]))
     table += list(rows.items())
     for name, r in table:
         lines.append(f"{name:<{name_w}}" + "".join(f"{_f(r.get(k), digits.get(k, 1)):>11}" for k, _ in cols))
@@ -502,14 +555,14 @@ def _plot(out: str, rows: Dict[str, dict], base_rows: Dict[str, dict]) -> Option
     ax = axes[1]
     md = rows.get("multidelete")
     if md:
-        b = base_rows.get("clip", {})
+        b = base_rows.get("clip") or base_rows.get("lm_pairs") or {}
         ax.bar([0, 1], [b.get("pair_auc") or 0, md.get("pair_auc") or 0], color=["gray", "C0"])
         ax.bar([3, 4], [(b.get("retained_retrieval") or 0) / 100, (md.get("retained_retrieval") or 0) / 100],
                color=["gray", "C1"])
         ax.set_xticks([0, 1, 3, 4])
         ax.set_xticklabels(["pair AUC\noriginal", "pair AUC\nMultiDelete", "retrieval\noriginal",
                             "retrieval\nMultiDelete"], fontsize=8)
-        ax.set_title("MultiDelete (CLIP)")
+        ax.set_title("MultiDelete (CLIP)" if "clip" in base_rows else "MultiDelete (LLaVA)")
     else:
         ax.axis("off")
     ax = axes[2]

@@ -1,4 +1,6 @@
-"""MultiDelete (Cheng & Amiri, ECCV 2024) on a CLIP-architecture dual encoder.
+"""MultiDelete (Cheng & Amiri, ECCV 2024) on a CLIP-architecture dual encoder (this
+module) or on LLaVA with the last token's hidden state as the fused representation
+(:mod:`.multidelete_llava`); ``run_multidelete`` picks the variant by the model's class.
 
     L = w_md  D( M(I_f, T_perm), M^(I_f, T_f) )    deleted pairs -> look like mismatched pairs
       + w_multi D( M(I_r, T_r),  M^(I_r, T_r) )    multimodal knowledge of retained pairs kept
@@ -31,8 +33,21 @@ import torch
 from unlearn_fast.ops.modality import derangement, modality_decoupling_loss
 from unlearn_fast.methods.methods import COMMON_DEFAULTS
 from unlearn_fast.methods.trainer import BatchStream, Trainer, seed_everything, trim_log
-from unlearn_fast.models.adapters import CLIPAdapter, UnsupportedModelError, get_adapter
-from unlearn_fast.models.lora import Reference
+from unlearn_fast.models.adapters import (CLIPAdapter, LlavaAdapter, Qwen2VLAdapter, UnsupportedModelError,
+                                          get_adapter)
+from unlearn_fast.models.lora import Reference, merged_copy
+
+ARCHS = ("auto", "clip", "llava")
+
+
+def model_arch(adapter) -> str:
+    """"clip" for a dual encoder, "llava" for a decoder vision-language model (LLaVA;
+    Qwen2-VL runs the same code)."""
+    if isinstance(adapter, CLIPAdapter):
+        return "clip"
+    if isinstance(adapter, (LlavaAdapter, Qwen2VLAdapter)):
+        return "llava"
+    raise UnsupportedModelError(f"multidelete runs on a CLIPModel or a LLaVA / Qwen2-VL model, not {adapter.model_class}")
 
 
 def fused_pair(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -43,8 +58,10 @@ def fused_pair(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.T
 class MultiDelete:
     name = "multidelete"
     needs_reference = True
+    # arch: "auto" (by the model's class), "clip" or "llava" (a decoder VLM, see
+    # :mod:`.multidelete_llava`); the run command uses it to pick the built-in model
     DEFAULTS = dict(lr=1e-4, steps=30, batch_size=32, md_weight=1.0, multi_weight=1.0, uni_weight=1.0,
-                    distance="mse", unimodal="image")
+                    distance="mse", unimodal="image", arch="auto")
 
     def __init__(self, model, adapter: CLIPAdapter, tokenizer, task, concept: str, reference: Reference, *,
                  backend: str = "auto", seed: int = 0, **hp):
@@ -52,6 +69,8 @@ class MultiDelete:
         if unknown:
             raise ValueError(f"multidelete: unknown hyperparameter(s) {sorted(unknown)}")
         self.hp = {**COMMON_DEFAULTS, **self.DEFAULTS, **hp}
+        if self.hp["arch"] not in ARCHS:
+            raise ValueError(f"multidelete: arch must be one of {ARCHS}, got {self.hp['arch']!r}")
         if self.hp["unimodal"] not in ("image", "image+text"):
             raise ValueError(f"multidelete: unimodal must be 'image' or 'image+text', got {self.hp['unimodal']!r}")
         self.model, self.adapter, self.tokenizer, self.reference, self.backend = model, adapter, tokenizer, reference, \
@@ -127,15 +146,29 @@ def run_multidelete(base_model, tokenizer, task, concept: str, *, backend: str =
     if steps is not None:
         overrides["steps"] = int(steps)
     adapter = get_adapter(base_model)
-    if not isinstance(adapter, CLIPAdapter):
-        raise UnsupportedModelError(f"multidelete runs on a CLIPModel (a dual encoder); got {adapter.model_class}")
+    arch = model_arch(adapter)
+    wanted = str(overrides.get("arch", "auto"))
+    if wanted not in ARCHS:
+        raise ValueError(f"multidelete: arch must be one of {ARCHS}, got {wanted!r}")
+    if wanted != "auto" and wanted != arch:
+        raise UnsupportedModelError(f"multidelete: arch={wanted!r} but the model is a {adapter.model_class}")
     seed_everything(seed)
     model = copy.deepcopy(base_model)
     model.requires_grad_(True)
-    if int(overrides.get("lora", 0)):
-        raise ValueError("multidelete trains the full CLIP model (lora is not supported here)")
-    method = MultiDelete(model, get_adapter(model), tokenizer, task, concept, Reference(model), backend=backend,
-                         seed=seed, **overrides)
+    lora = int(overrides.get("lora", 0))
+    if arch == "clip":
+        if lora:
+            raise ValueError("multidelete trains the full CLIP model (lora is not supported here)")
+        cls = MultiDelete
+    else:
+        from unlearn_fast.methods.multidelete_llava import LlavaMultiDelete
+        from unlearn_fast.models.lora import apply_lora
+
+        if lora:
+            model = apply_lora(model, r=lora, where=str(overrides.get("lora_where", "language")))
+        cls = LlavaMultiDelete
+    method = cls(model, get_adapter(model), tokenizer, task, concept, Reference(model), backend=backend, seed=seed,
+                 **overrides)
     cfg = _train_config(method.hp, progress=progress, mixed_precision=mixed_precision, seed=seed,
                         checkpoint_every=checkpoint_every)
     if out_dir:
@@ -145,4 +178,4 @@ def run_multidelete(base_model, tokenizer, task, concept: str, *, backend: str =
     log_path = os.path.join(out_dir, "log.jsonl") if out_dir else None
     trim_log(log_path, resumed)
     history = trainer.train(method.train_step, log_path=log_path)
-    return RunResult(model.eval(), history, resumed, method.hp)
+    return RunResult(merged_copy(model).eval(), history, resumed, method.hp)

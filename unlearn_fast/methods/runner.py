@@ -44,12 +44,13 @@ class RunResult:
     hp: Dict[str, object]
 
 
-def _train_config(hp, *, progress: bool, mixed_precision: str, seed: int, checkpoint_every: int) -> TrainConfig:
+def _train_config(hp, *, progress: bool, mixed_precision: str, seed: int, checkpoint_every: int,
+                  fsdp: bool = False) -> TrainConfig:
     return TrainConfig(steps=int(hp["steps"]), lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]),
                        warmup_steps=int(hp["warmup_steps"]), schedule=str(hp["schedule"]),
                        max_grad_norm=float(hp["max_grad_norm"]) if hp["max_grad_norm"] else None,
                        mixed_precision=mixed_precision, seed=seed, checkpoint_every=checkpoint_every,
-                       progress=progress, grad_accum=int(hp.get("grad_accum", 1)))
+                       progress=progress, grad_accum=int(hp.get("grad_accum", 1)), fsdp=fsdp)
 
 
 def build_lm_method(name: str, base_model, tokenizer, task, concept: str, *, backend: str = "auto",
@@ -79,16 +80,26 @@ def build_lm_method(name: str, base_model, tokenizer, task, concept: str, *, bac
 def run_lm_method(name: str, base_model, tokenizer, task, concept: str, *, backend: str = "auto",
                   overrides: Optional[Dict] = None, seed: int = 0, out_dir: Optional[str] = None,
                   progress: bool = True, mixed_precision: str = "no", checkpoint_every: int = 0,
-                  steps: Optional[int] = None) -> RunResult:
+                  steps: Optional[int] = None, fsdp: bool = False) -> RunResult:
     """Unlearn ``concept`` with method ``name``; ``out_dir`` holds the checkpoint and the
-    JSONL log (an existing checkpoint there is resumed)."""
+    JSONL log (an existing checkpoint there is resumed).  ``fsdp``: shard the model (and
+    a separate reference) with FSDP2 across the process group (:mod:`.fsdp`)."""
     overrides = dict(overrides or {})
     if steps is not None:
         overrides["steps"] = int(steps)
     method, model, ctx, hp = build_lm_method(name, base_model, tokenizer, task, concept, backend=backend,
                                              overrides=overrides, seed=seed)
     cfg = _train_config(hp, progress=progress, mixed_precision=mixed_precision, seed=seed,
-                        checkpoint_every=checkpoint_every)
+                        checkpoint_every=checkpoint_every, fsdp=fsdp)
+    if fsdp:
+        from unlearn_fast.methods import fsdp as fsdp_mod
+
+        why = fsdp_mod.check_supported(name, cfg)
+        if why:
+            raise ValueError(f"--fsdp: {why}")
+        fsdp_mod.shard_model(model, ctx.adapter)
+        if ctx.reference is not None and not ctx.reference.shared:
+            fsdp_mod.shard_model(ctx.reference.model, ctx.adapter)  # the frozen copy, sharded the same way
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     trainer = Trainer(model, cfg, out_dir=out_dir, name=name)
@@ -97,6 +108,11 @@ def run_lm_method(name: str, base_model, tokenizer, task, concept: str, *, backe
     log_path = os.path.join(out_dir, "log.jsonl") if out_dir else None
     trim_log(log_path, resumed)
     history = trainer.train(method.train_step, log_path=log_path)
+    if fsdp:  # a plain model with the gathered weights, for evaluation and saving
+        template = base_model
+        if int(hp["lora"]):
+            template = apply_lora(copy.deepcopy(base_model), r=int(hp["lora"]), where=str(hp["lora_where"]))
+        model = fsdp_mod.unsharded_copy(template, fsdp_mod.gather_full_state(model))
     return RunResult(merged_copy(model).eval(), history, resumed, hp)
 
 

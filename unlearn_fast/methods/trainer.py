@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     progress: bool = True
+    fsdp: bool = False  # the model is FSDP2-sharded (see methods/fsdp.py): no DDP averaging of its shards
 
     def validate(self) -> "TrainConfig":
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -55,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive integer, got {self.grad_accum!r}")
+        if self.fsdp and self.checkpoint_every:
+            raise ValueError("checkpoint/resume is not implemented for FSDP mode yet (set checkpoint_every=0)")
         return self
 
 
@@ -151,7 +154,11 @@ class Trainer:
         rank, world = dist_info()
         if world == 1:
             return
+        from unlearn_fast.methods.fsdp import is_sharded
+
         for p in self.params:
+            if is_sharded(p):
+                continue  # FSDP already reduce-scattered (averaged) this shard's gradient
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
@@ -196,6 +203,10 @@ class Trainer:
             p.grad = g
         if grad_transform is not None:
             grad_transform(grads)
+        elif cfg.max_grad_norm and cfg.fsdp:
+            from unlearn_fast.methods.fsdp import clip_grad_norm_
+
+            acc["grad_norm"] = clip_grad_norm_(self.params, cfg.max_grad_norm)
         elif cfg.max_grad_norm:
             acc["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
         self.optimizer.step()
@@ -271,6 +282,8 @@ class Trainer:
         d = self.checkpoint_dir()
         if d is None or not os.path.exists(os.path.join(d, "state.json")):
             return False
+        if self.cfg.fsdp:
+            raise ValueError(f"{d} holds a checkpoint, but FSDP mode cannot resume yet; use a fresh --out folder")
         with open(os.path.join(d, "state.json")) as f:
             state = json.load(f)
         weights = load_file(os.path.join(d, "trainable.safetensors"))

@@ -1,0 +1,124 @@
+"""Opt-in FSDP for the language-model methods (``TrainConfig.fsdp``, ``unlearn-fast run
+--fsdp``), with torch's FSDP2 ``fully_shard`` (torch >= 2.6; CPU + gloo and CUDA + nccl).
+
+What is sharded: every block of the backbone's layer lists (the language model's decoder
+layers, the vision tower's encoder layers / Qwen2-VL's ``visual.blocks``), then the
+backbone itself (``model.model``, the module the adapters call) as the root group, so the
+embeddings, projector and final norm are sharded too.  The lm_head stays replicated: the
+fused losses read its weight directly (never through a module forward, which is what
+makes FSDP gather a group), so the trainer all-reduces its gradient as under DDP, while
+FSDP reduce-scatters (averages) the sharded ones.  A separate frozen reference model (no
+LoRA) is sharded the same way; with LoRA the reference is the same sharded module.
+
+After training, :func:`gather_full_state` collects the full weights on every rank (the
+evaluation and saving run on a plain model).  That needs one full copy per rank: fine
+where the model fits a device's host memory, the usual case for FSDP-for-training.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+
+def _dtensor_cls():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor
+    return DTensor
+
+
+def is_sharded(t) -> bool:
+    return isinstance(t, _dtensor_cls())
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as exc:  # pragma: no cover - torch < 2.6
+        raise RuntimeError(f"FSDP mode needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
+                           f"{torch.__version__}") from exc
+    return fully_shard
+
+
+def _layer_lists(module: torch.nn.Module) -> List[torch.nn.ModuleList]:
+    return [m for name, m in module.named_modules()
+            if isinstance(m, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "blocks") and len(m)]
+
+
+def shard_model(model, adapter) -> List[str]:
+    """``fully_shard`` the backbone's blocks and the backbone (in place); returns the
+    names of the sharded groups.  Needs an initialised process group."""
+    from unlearn_fast.models.adapters import unwrap
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError("FSDP mode needs torch.distributed initialised (run under torchrun / accelerate launch)")
+    fully_shard = _fully_shard()
+    backbone = adapter.base_model(model)
+    head, _ = adapter.lm_head(model)
+    if any(p is head for p in backbone.parameters()):
+        raise ValueError(f"FSDP mode: {adapter.model_class} ties its lm_head to the input embeddings; tied heads are "
+                         f"not supported (the head stays replicated while the embeddings are sharded)")
+    names = {id(m): n for n, m in unwrap(model).named_modules()}
+    groups = []
+    for layers in _layer_lists(backbone):
+        for block in layers:
+            fully_shard(block)
+            groups.append(names.get(id(block), "?"))
+    fully_shard(backbone)
+    groups.append(names.get(id(backbone), "?"))
+    return groups
+
+
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> float:
+    """torch's ``clip_grad_norm_`` (2-norm, coefficient max_norm / (norm + 1e-6) capped at
+    1) over a mix of sharded (DTensor) and replicated gradients; returns the total norm."""
+    params = [p for p in params if p.grad is not None]
+    sharded = torch.zeros((), dtype=torch.float64)
+    plain = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if is_sharded(p.grad):
+            sharded += p.grad.to_local().detach().double().pow(2).sum().cpu()
+        else:
+            plain += p.grad.detach().double().pow(2).sum().cpu()
+    if torch.distributed.is_initialized():
+        dev = params[0].grad.device if params and params[0].grad.device.type == "cuda" else torch.device("cpu")
+        sharded = sharded.to(dev)
+        torch.distributed.all_reduce(sharded)
+        sharded = sharded.cpu()
+    total = float((sharded + plain).sqrt())
+    coef = min(1.0, max_norm / (total + 1e-6))
+    if coef < 1.0:
+        for p in params:
+            p.grad.mul_(coef)
+    return total
+
+
+def gather_full_state(model) -> Dict[str, torch.Tensor]:
+    """{name: full tensor} of ``model.state_dict()`` (a collective: every rank calls it)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k] = v.full_tensor() if is_sharded(v) else v
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def unsharded_copy(template, state: Dict[str, torch.Tensor]):
+    """A plain (unsharded) copy of ``template``'s architecture holding ``state``."""
+    import copy
+
+    plain = copy.deepcopy(template)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"FSDP: the gathered weights do not match the model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    return plain
+
+
+def check_supported(method_name: str, cfg) -> Optional[str]:
+    """Why FSDP mode cannot run this configuration (None when it can)."""
+    if method_name == "mmunlearner":
+        return "mmunlearner's Fisher saliency mask transforms whole gradients; it is not sharded yet (use DDP)"
+    if cfg.checkpoint_every:
+        return "checkpoint/resume is not implemented for FSDP mode yet (set checkpoint_every=0)"
+    return None
