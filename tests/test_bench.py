@@ -4,6 +4,8 @@ through the real CLI entry point (no timing assertions beyond the malloc check, 
 compares a 100x effect with a 5x margin)."""
 from __future__ import annotations
 
+import importlib.util
+import os
 import statistics
 import time
 
@@ -49,3 +51,258 @@ def test_timing_after_a_memory_measurement_is_not_slower():
     harness.peak_memory(lambda: torch.ones(1 << 20), "cpu")
     after = _allocate_and_touch_median()
     assert after < 5 * before + 1e-3, (before, after)
+
+
+# --------------------------------------------------------------------------- schema and files
+def _row(**over):
+    row = dict(op="dual_masked_kl", provider="eager", mode="fwd", shape="N=8,V=16", dtype="float32", device="cpu",
+               metric="time_median_s", value=0.5, version="0", timestamp="2026-01-01T00:00:00+00:00")
+    row.update(over)
+    return row
+
+
+def test_validate_rows_accepts_good_rows():
+    harness.validate_rows([_row(), _row(value=3)])
+    harness.validate_rows([])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"drop": "metric"}, "lacks fields ['metric']"),
+    ({"value": "fast"}, "value must be a number"),
+    ({"value": None}, "value must be a number"),
+    ({"shape": 2048}, "field shape must be a string"),
+    ({"provider": None}, "field provider must be a string"),
+])
+def test_validate_rows_rejects_bad_rows(bad, message):
+    row = _row()
+    if "drop" in bad:
+        del row[bad.pop("drop")]
+    row.update(bad)
+    with pytest.raises(ValueError, match=r"row 1: |row 1 lacks") as info:
+        harness.validate_rows([_row(), row])
+    assert message in str(info.value)
+
+
+def _recorder(n_shapes=3, providers=("eager", "cpp")):
+    rec = harness.Recorder(quiet=True)
+    for i, n in enumerate((64, 128, 256)[:n_shapes]):
+        eager = None
+        for p in providers:
+            t = 0.01 * (i + 1) * (1.0 if p == "eager" else 0.25)
+            rec.add_timing("dual_masked_kl", p, "fwd", f"N={n},V=1000", "float32", "cpu", [t, t * 1.1, t * 0.9],
+                           peak_bytes=(i + 1) * 2**20, eager_median=eager)
+            eager = eager or t
+    return rec
+
+
+def test_recorder_write_round_trips_and_merges(tmp_path):
+    import csv
+    import json
+
+    rec = _recorder()
+    rec.write(str(tmp_path), plot=False)
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    harness.validate_rows(rows)
+    assert rows == rec.as_dicts()
+    with open(tmp_path / "bench.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["metric"] for r in csv_rows] == [r["metric"] for r in rows]
+    assert [float(r["value"]) for r in csv_rows] == pytest.approx([r["value"] for r in rows])
+    assert list(csv_rows[0]) == list(harness.SCHEMA_FIELDS)
+    # a second run into the same folder adds its rows to the first run's
+    second = harness.Recorder(quiet=True)
+    second.add("cross_entropy", "eager", "fwd", "N=4,H=2,V=8", "float32", "cpu", "time_median_s", 1.0)
+    second.write(str(tmp_path), plot=False)
+    merged = json.loads((tmp_path / "bench.json").read_text())
+    assert merged == rows + second.as_dicts()
+    assert "cross_entropy" in (tmp_path / "summary.md").read_text()
+
+
+# --------------------------------------------------------------------------- plots
+def test_parse_shape():
+    from unlearn_fast.bench.plots import parse_shape
+
+    assert parse_shape("N=2048,V=32000,algo=gram") == {"N": 2048, "V": 32000, "algo": "gram"}
+    assert parse_shape("") == {}
+    assert parse_shape("256MiB") == {"256MiB": ""}
+
+
+def test_line_and_bar_plots(tmp_path):
+    from unlearn_fast.bench.plots import plot_rows, sweeps
+
+    rows = _recorder().as_dicts()
+    # the V sweep at N=64, and an op at a single shape (bars only)
+    for v in (2000, 4000):
+        rows += [_row(shape=f"N=64,V={v}", provider=p, value=0.1 * v / 1000) for p in ("eager", "cpp")]
+    rows += [_row(op="topk_mask", shape="tensors=3,weights=99", provider=p) for p in ("eager", "cpp")]
+    groups = sweeps(rows)
+    assert ("dual_masked_kl", "N", "fwd", "float32", "V=1000") in groups
+    assert ("dual_masked_kl", "V", "fwd", "float32", "N=64") in groups
+    assert not any(key[0] == "topk_mask" for key in groups)
+    names = {os.path.basename(p) for p in plot_rows(rows, str(tmp_path))}
+    assert {"lines_dual_masked_kl_vs_N_fwd_float32_V1000.png", "lines_dual_masked_kl_vs_V_fwd_float32_N64.png",
+            "topk_mask_time_median_s.png"} <= names
+    # every dual_masked_kl case lies on a line: no bar chart for it
+    assert "dual_masked_kl_time_median_s.png" not in names
+    assert all((tmp_path / n).stat().st_size > 1000 for n in names)
+
+
+# --------------------------------------------------------------------------- summary
+def test_summary_flags_auto_slower_than_eager():
+    from unlearn_fast.bench.summary import SLOWER, summarize, to_markdown
+
+    rows = [_row(provider="eager", value=0.010), _row(provider="cpp", value=0.020),
+            _row(provider="eager", shape="N=8,V=32", value=0.010), _row(provider="cpp", shape="N=8,V=32", value=0.004),
+            _row(provider="eager", shape="N=4,V=4", value=0.010), _row(provider="cpp", shape="N=4,V=4", value=0.050),
+            _row(provider="eager", metric="peak_mem_bytes", value=100.0),
+            _row(provider="cpp", metric="peak_mem_bytes", value=25.0)]
+    # auto runs cpp except at N=4 (routed to eager, as modality.py does for small batches)
+    lines = summarize(rows, lambda op, shape, dtype, device: "eager" if shape == "N=4,V=4" else "cpp")
+    by_shape = {ln["shape"]: ln for ln in lines}
+    assert by_shape["N=8,V=16"]["flag"] == SLOWER
+    assert by_shape["N=8,V=16"]["ratio"] == pytest.approx(0.5)
+    assert by_shape["N=8,V=16"]["mem_ratio"] == pytest.approx(0.25)
+    assert by_shape["N=8,V=32"]["flag"] == "" and by_shape["N=8,V=32"]["ratio"] == pytest.approx(2.5)
+    assert by_shape["N=4,V=4"]["flag"] == "" and by_shape["N=4,V=4"]["auto_ratio"] == pytest.approx(1.0)
+    text = to_markdown(lines)
+    assert text.count(SLOWER) == 1
+    assert "1 case(s) where backend=\"auto\" is slower than eager:" in text
+
+
+def test_summary_default_auto_is_the_registry_choice():
+    from unlearn_fast import backends
+    from unlearn_fast.bench.summary import registry_auto, suite_auto_lookup
+
+    assert registry_auto("dual_masked_kl", "N=8,V=16", "float32", "cpu") == \
+        backends.resolve("dual_masked_kl", "auto", "cpu")
+    assert registry_auto("no_such_op", "", "float32", "cpu") is None
+    lookup = suite_auto_lookup()
+    # similarity_matching_loss runs eager on the CPU for B * B <= 65536 when asked for auto
+    assert lookup("similarity_kl", "B=256,D=256", "float32", "cpu") == "eager"
+    assert lookup("similarity_kl", "B=1024,D=256", "float32", "cpu") == \
+        backends.resolve("similarity_matching", "auto", "cpu")
+    assert lookup("eval_scores", "N=8", "float32", "cpu") == "fused"
+    assert lookup("generation", "N=8", "float32", "cpu") is None
+
+
+# --------------------------------------------------------------------------- peers
+def test_peers_absent_on_cpu_with_a_reason():
+    from unlearn_fast.bench import peers
+
+    status = peers.peer_status("cpu")
+    assert set(status) == {"liger_kl", "liger_jsd", "liger_flce", "cce"}
+    for name, why in status.items():
+        assert why and "needs a CUDA device" in why, (name, why)
+    for peer in peers.PEERS:
+        if importlib.util.find_spec(peer.module) is None:
+            assert f"pip install {peer.pip}" in status[peer.name]
+
+
+def test_a_peer_that_cannot_load_never_stops_a_run(monkeypatch, tmp_path, capsys):
+    """Pretend every peer runs here: its package is missing, so building it fails; the
+    suites report that and measure everything else."""
+    import json
+
+    from unlearn_fast import cli
+    from unlearn_fast.bench import peers
+
+    if any(importlib.util.find_spec(m) for m in ("liger_kernel", "cut_cross_entropy")):
+        pytest.skip("a peer package is installed here")
+    monkeypatch.setattr(peers, "why_unavailable", lambda peer, device: None)
+    out = tmp_path / "out"
+    assert cli.main(["bench", "dmk", "--quick", "--dtypes", "float32", "--no-plot", "--out", str(out)]) == 0
+    assert cli.main(["bench", "linear", "--quick", "--ops", "cross_entropy", "--modes", "fwd", "--no-plot",
+                     "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for name in ("liger_kl", "liger_jsd", "liger_flce", "cce"):
+        assert f"{name} unavailable: ModuleNotFoundError" in text
+    providers = {(r["op"], r["provider"]) for r in json.loads((out / "bench.json").read_text())}
+    assert {("dual_masked_kl", "eager"), ("cross_entropy", "eager")} <= providers
+    assert not any(peers.is_peer(p) for _, p in providers)
+
+
+# --------------------------------------------------------------------------- the CLI, every subcommand
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    """Every suite, --quick, one after the other into one folder (their rows merge)."""
+    from unlearn_fast import cli
+    from unlearn_fast.bench import SUITES
+
+    out = tmp_path_factory.mktemp("bench")
+    for i, suite in enumerate(SUITES):
+        plot = ["--no-plot"] if i < len(SUITES) - 1 else []  # the last one plots every row
+        assert cli.main(["bench", suite, "--quick", "--dtypes", "float32", "--out", str(out), *plot]) == 0, suite
+    return out
+
+
+def test_bench_every_suite_through_the_cli(bench_dir):
+    import json
+
+    rows = json.loads((bench_dir / "bench.json").read_text())
+    harness.validate_rows(rows)
+    ops = {r["op"] for r in rows if r["metric"] == "time_median_s"}
+    assert {"dual_masked_kl", "cross_entropy", "fused_linear_dmk", "token_stats_mia", "fisher_accumulate",
+            "topk_mask", "similarity_mse", "similarity_kl", "modality_decoupling", "eval_scores", "generation",
+            "e2e_siu", "e2e_npo", "e2e_ga_kl"} <= ops
+    threads = {r["shape"]: r["value"] for r in rows if r["metric"] == "cpu_threads"}
+    assert threads and set(threads.values()) == {1.0}  # --quick on the CPU: one intra-op thread
+
+
+def test_bench_writes_plots_and_summary(bench_dir):
+    names = os.listdir(bench_dir)
+    assert any(n.startswith("lines_dual_masked_kl_vs_N_") for n in names)
+    assert any(n.startswith("lines_dual_masked_kl_vs_V_") for n in names)
+    assert "cross_entropy_time_median_s.png" in names and "e2e_siu_peak_mem_bytes.png" in names
+    summary = (bench_dir / "summary.md").read_text()
+    assert "| op | mode | shape |" in summary
+    for op in ("dual_masked_kl", "cross_entropy", "topk_mask", "similarity_kl", "eval_scores", "e2e_npo"):
+        assert f"| {op} |" in summary
+    assert "slower than eager" in summary
+
+
+PROFILE_SIZES = ["--tokens", "48", "--vocab", "300", "--hidden", "40", "--layers", "1", "--batch", "40",
+                 "--dim", "24", "--steps", "1"]
+
+
+def test_profile_every_op_writes_a_chrome_trace(tmp_path, capsys):
+    import json
+
+    from unlearn_fast import cli
+    from unlearn_fast.bench.profile import CASES
+
+    for op in CASES:
+        assert cli.main(["profile", op, *PROFILE_SIZES, "--out", str(tmp_path)]) == 0, op
+        trace = tmp_path / f"{op}_auto_cpu.trace.json"
+        events = json.loads(trace.read_text())["traceEvents"]
+        assert events, op
+    assert capsys.readouterr().out.count("Chrome trace:") == len(CASES)
+
+
+def test_profile_rejects_a_bad_size(capsys):
+    from unlearn_fast import cli
+
+    assert cli.main(["profile", "dmk", "--tokens", "0"]) == 2
+    assert "--tokens must be at least 1" in capsys.readouterr().err
+
+
+def test_gpu_suite_script_matches_the_cli():
+    """benchmarks/gpu_suite.sh: valid bash, runs every suite by default, and every flag it
+    passes to `unlearn-fast bench` / `profile` exists."""
+    import re
+    import shutil
+    import subprocess
+
+    from unlearn_fast.bench import SUITES
+    from unlearn_fast.cli import build_parser
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_suite.sh")
+    text = open(path).read()
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", path], check=True)
+    default = re.search(r"\$\{SUITES:-([^}]*)\}", text).group(1).split()
+    assert sorted(default) == sorted(SUITES)
+    parser = build_parser()
+    parser.parse_args(["bench", "dmk", "--out", "x", "--no-compile"])
+    profile = re.search(r"unlearn_fast profile (.*?)\\\n(.*?)>", text, re.S)
+    argv = (profile.group(1) + profile.group(2)).replace('"$out/profile"', "x").split()
+    parser.parse_args(["profile", *argv])

@@ -55,19 +55,9 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from unlearn_fast.bench import SUITES
-    from unlearn_fast.bench.harness import Recorder
+    from unlearn_fast.bench import run_bench
 
-    names = list(SUITES) if args.suite == "all" else [args.suite]
-    recorder = Recorder()
-    for name in names:
-        mod = importlib.import_module(f"unlearn_fast.bench.{name}")
-        print(f"== bench {name}: {mod.DESCRIPTION}", flush=True)
-        mod.run(args, recorder)
-    if args.out:
-        for path in recorder.write(args.out, plot=not args.no_plot):
-            print(f"wrote {path}")
-    return 0
+    return run_bench(args)
 
 
 def _add_suite_arguments(parser: argparse.ArgumentParser, suites) -> None:
@@ -97,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default=None, help="comma-separated dtypes (float32,bfloat16)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(eager) provider")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads for every suite (default: torch's; 1 with --quick on the CPU)")
     _add_suite_arguments(p, SUITES)
     p.set_defaults(func=_cmd_bench)
 

@@ -5,8 +5,86 @@ Each benchmark suite is a module ``unlearn_fast/bench/<name>.py`` defining
     DESCRIPTION = "one line"
     def add_arguments(parser): ...          # optional extra flags
     def run(args, recorder) -> None:        # measure, recorder.add(...) rows
+    def auto_provider(op, shape, dtype, device) -> str   # optional: what backend="auto"
+                                            # runs for a row (default: the registry's answer)
 
 The CLI discovers suites by module name (``SUITES``), so adding a suite never touches a
 shared file beyond this list.  Rows follow one schema (``harness.Row``).
 """
+from __future__ import annotations
+
 SUITES = ("dmk", "linear", "saliency", "multidelete", "eval", "e2e")
+
+
+def run_bench(args) -> int:
+    """``unlearn-fast bench SUITE|all``: run the suites into one Recorder, print each suite's
+    wall time, then write results (``--out``)."""
+    import gc
+    import time
+
+    from unlearn_fast.bench.common import bench_device
+    from unlearn_fast.bench.harness import Recorder, set_malloc_policy
+
+    device = bench_device(args)
+    threads = getattr(args, "threads", None)
+    if threads is None and args.quick and device == "cpu":
+        # a smoke run on a shared machine: with two threads on loaded cores, OpenMP barriers
+        # made the eager loops' times swing by 10x (saliency, e2e, eval; measured)
+        threads = 1
+    names = list(SUITES) if args.suite == "all" else [args.suite]
+    if {"dmk", "linear"} & set(names):
+        from unlearn_fast.bench import peers
+
+        peers.report(device)  # which peer kernels run as providers, or why not (once per run)
+    # one allocator policy for every timing, whether or not a memory measurement came first
+    set_malloc_policy("steady")
+    _allow_recompiles()
+    recorder = Recorder()
+    start = time.perf_counter()
+    try:
+        for name in names:
+            _run_suite(name, args, recorder, device, threads)
+    finally:
+        gc.unfreeze()
+    print(f"== bench {args.suite}{' --quick' if args.quick else ''}: {time.perf_counter() - start:.1f} s in all",
+          flush=True)
+    from unlearn_fast.bench.summary import suite_auto_lookup, summarize, to_markdown
+
+    print(to_markdown(summarize(recorder.as_dicts(), suite_auto_lookup()), title=f"bench {args.suite}"), flush=True)
+    if args.out:
+        for path in recorder.write(args.out, plot=not args.no_plot):
+            print(f"wrote {path}")
+    return 0
+
+
+def _run_suite(name, args, recorder, device, threads) -> None:
+    import gc
+    import importlib
+    import time
+
+    from unlearn_fast.bench.common import cpu_threads
+
+    mod = importlib.import_module(f"unlearn_fast.bench.{name}")
+    # The harness calls gc.collect() around every memory measurement; scanning torch's,
+    # dynamo's and transformers' module objects took 0.2 s a call here (17 of dmk --quick's
+    # 21 s).  What is alive now is modules and constants: collections skip it from here on.
+    gc.freeze()
+    print(f"== bench {name}: {mod.DESCRIPTION}", flush=True)
+    t0 = time.perf_counter()
+    with cpu_threads(device, threads) as used:
+        if device == "cpu":
+            recorder.add("cpu_threads", "torch", "env", f"suite={name}", "-", device, "cpu_threads", used)
+        mod.run(args, recorder)
+    print(f"== bench {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def _allow_recompiles(limit: int = 1024) -> None:
+    """The "compile" provider compiles eager once per (shape, dtype, mode) (dynamic=False).
+    Past dynamo's default of 8 recompiles per function it would silently run eager code
+    instead and report eager's time as torch.compile's."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, then the older one
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
+            break

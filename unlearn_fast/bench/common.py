@@ -1,7 +1,8 @@
 """Argument handling shared by the benchmark suites."""
 from __future__ import annotations
 
-from typing import List
+import contextlib
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -51,3 +52,19 @@ def shape_str(**dims) -> str:
 
 def dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def cpu_threads(device: str, threads: Optional[int]) -> Iterator[int]:
+    """Run a block with ``threads`` intra-op threads when ``device`` is the CPU (None: leave
+    torch's setting); yields the thread count in effect, restores the old one after.
+
+    Tiny models on a shared machine: OpenMP barriers cost more than the work, and with two
+    threads on two loaded cores step times swing by 10x (eval and e2e suites, measured)."""
+    old = torch.get_num_threads()
+    if device == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)

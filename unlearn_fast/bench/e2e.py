@@ -32,6 +32,15 @@ def add_arguments(parser) -> None:
                              "qwen2vl (H=3584, V=151936)")
 
 
+def auto_provider(op, shape, dtype, device):
+    """The methods' default backend is "auto": the token-statistics op's choice (summary.md)."""
+    if not op.startswith("e2e_"):
+        return None
+    from unlearn_fast.bench.summary import registry_auto
+
+    return registry_auto("token_stats", shape, dtype, device)
+
+
 def fused_providers(device: str):
     from unlearn_fast import backends
     import unlearn_fast.ops.registry_all  # noqa: F401
@@ -101,7 +110,8 @@ def run(args, recorder) -> None:
         if unknown:
             raise ValueError(f"--e2e-heads: unknown {unknown}; choose from {sorted(HEADS)}")
         shapes = [HEADS[n] for n in names]
-    reps = 2 if args.quick else 3
+    reps = 3
+    threads = torch.get_num_threads()  # bench --threads (one with --quick on the CPU)
     task = load_builtin_task()
     tok = builtin_tokenizer(task)
     providers = ["eager"] + fused_providers(device)
@@ -112,7 +122,8 @@ def run(args, recorder) -> None:
         torch.manual_seed(0)
         model = LlavaForConditionalGeneration(tiny_llava_config(tok, text_hidden=sh["H"], text_layers=2,
                                                                 vocab_size=sh["V"])).to(device).eval()
-        shape = shape_str(V=sh["V"], H=sh["H"], B=sh["B"], **({"lora": sh["lora"]} if sh["lora"] else {}))
+        dims = dict(V=sh["V"], H=sh["H"], B=sh["B"], **({"lora": sh["lora"]} if sh["lora"] else {}))
+        shape = shape_str(**dims, threads=threads) if device == "cpu" else shape_str(**dims)
         for name in METHODS:
             eager_med = eager_peak = None
             for provider in providers:

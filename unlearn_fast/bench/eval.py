@@ -36,6 +36,12 @@ OPEN_UNLEARNING_METRICS = ("probability", "loss", "zlib", "min_k", "min_k_plus_p
 CONCEPT = "seven"
 
 
+def auto_provider(op, shape, dtype, device):
+    """sequence_scores() with its default backend is the "fused" provider (summary.md);
+    generation has no backend choice."""
+    return "fused" if op == "eval_scores" else None
+
+
 def _examples(task, n: int) -> List:
     """n VQA rows around the concept: its trained-on and held-out images, then others."""
     rows = task.forget_set(CONCEPT, kind="vqa") + task.holdout_set(CONCEPT, kind="vqa") + \

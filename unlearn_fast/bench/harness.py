@@ -5,7 +5,8 @@ Schema: one row per measurement
 ``shape`` is a string like "N=2048,V=32000"; ``metric`` is one of
     time_median_s, time_iqr_s, peak_mem_bytes, ratio_to_eager (eager time / this time),
     mem_ratio_to_eager, bandwidth_gbps, roofline_floor_s, roofline_fraction, tokens_per_s ...
-``Recorder.write(out_dir)`` writes bench.json (a list of rows), bench.csv, and plots.
+``Recorder.write(out_dir)`` writes bench.json (a list of rows), bench.csv, summary.md
+(bench/summary.py) and plots (bench/plots.py).
 """
 from __future__ import annotations
 
@@ -114,8 +115,10 @@ def _rss_bytes() -> int:
 # adjustment stays off for good.  So on leaving the sampler we pin the dynamic policy's
 # steady state instead -- the state a process that has freed a tensor of 32 MiB or more is
 # in anyway (every benchmark has, in its warm-up): mmap threshold 32 MiB, trim threshold
-# 64 MiB.  Timings before and after a memory measurement then see the same allocator, so
-# the order of time and memory measurements does not matter.
+# 64 MiB.  ``unlearn-fast bench`` pins that state at start too (bench.run_bench), so timings
+# before and after a memory measurement see the same allocator: the order of time and
+# memory measurements does not matter.  (Eager's first calls after a measurement still
+# regrow the trimmed heap: the suites time several calls after a warm-up.)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MALLOC_POLICIES = {
     "rss": {M_MMAP_THRESHOLD: 64 * 2**10, M_TRIM_THRESHOLD: 128 * 2**10},
@@ -284,7 +287,8 @@ class Recorder:
         return [asdict(r) for r in self.rows]
 
     def write(self, out_dir: str, plot: bool = True) -> List[str]:
-        """Write out_dir/bench.json (list of rows) and bench.csv atomically; plots too."""
+        """Write out_dir/bench.json (list of rows), bench.csv and summary.md atomically,
+        merged with the rows of earlier runs into the same folder; plots too."""
         os.makedirs(out_dir, exist_ok=True)
         rows = self.as_dicts()
         validate_rows(rows)
@@ -300,6 +304,9 @@ class Recorder:
                 pass
         written = [write_atomic_json(path, rows)]
         written.append(_write_atomic_csv(os.path.join(out_dir, "bench.csv"), rows))
+        from unlearn_fast.bench.summary import write_summary
+
+        written.append(write_summary(rows, out_dir))
         if plot:
             from unlearn_fast.bench.plots import plot_rows
 
@@ -312,6 +319,15 @@ def write_atomic_json(path: str, obj) -> str:
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def write_atomic_text(path: str, text: str) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
     return path
 

@@ -5,7 +5,8 @@ backends (logits never materialised).
 Ops (rows' ``op`` field):
   cross_entropy       linear CE.  eager = transformers' ForCausalLMLoss: logits upcast
                       to float32, F.cross_entropy(ignore_index=-100); fused =
-                      unlearn_fast.cross_entropy.
+                      unlearn_fast.cross_entropy; on CUDA also Liger-Kernel's fused
+                      linear CE and cut-cross-entropy when installed (bench/peers.py).
   fused_linear_dmk    SIU's dual masked KL between the student head on student hidden
                       states and the teacher head on teacher hidden states (token mask,
                       3 forget ids).  eager = both logits, then dual_masked_kl's eager
@@ -37,13 +38,25 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+from unlearn_fast.bench import peers
 from unlearn_fast.bench.common import bench_device, bench_dtypes, bench_providers, dtype_str, shape_str
 from unlearn_fast.bench.harness import peak_memory, synchronize, time_fn
 
 DESCRIPTION = "head-level fused ops (linear CE, fused linear DMK, token stats + MIA): eager vs compile vs fused"
-HEADS = {"llava": (4096, 32000), "qwen2vl": (3584, 151936), "tiny": (256, 4099)}
-# (head, tokens) cases of the full run: LLaVA-1.5-7B and Qwen2-VL-7B heads
-CASES = [("llava", 512), ("llava", 2048), ("llava", 4096), ("llava", 8192), ("qwen2vl", 512), ("qwen2vl", 2048)]
+# head name -> (hidden H, vocabulary V): LLaVA-1.5-7B's and Qwen2-VL-7B's heads, and H=4096
+# heads of wider vocabularies (the V axis of the plots at a fixed H)
+HEADS = {"llava": (4096, 32000), "qwen2vl": (3584, 151936), "h4096-v65536": (4096, 65536),
+         "h4096-v151936": (4096, 151936), "tiny": (256, 4099)}
+# (head, tokens) cases of the full run on a GPU: tokens N at V=32000 (4 points), vocabularies V
+# at N=2048 (3 points), and Qwen2-VL's real head
+CASES = [("llava", 512), ("llava", 2048), ("llava", 4096), ("llava", 8192), ("h4096-v65536", 2048),
+         ("h4096-v151936", 2048), ("qwen2vl", 512), ("qwen2vl", 2048)]
+# The full run on the CPU: the same lines at 1/32 of the tokens, float32, fwd and fwd+bwd, no
+# torch.compile (compiling 30 graphs alone takes longer): a 2-core machine does the GPU list's
+# head GEMMs at ~50-100 GFLOP/s, hours for the list above, ~6-12 minutes for this one.
+# --heads/--tokens/--modes/--dtypes/--backends ask for more.
+CPU_CASES = [("llava", 64), ("llava", 128), ("llava", 256), ("h4096-v65536", 64), ("h4096-v151936", 64)]
+CPU_MODES = ("fwd", "fwd+bwd")
 # --quick: float32 only, fwd and fwd+bwd, no torch.compile (its compile time alone is minutes)
 QUICK_CASES = [("tiny", 512)]
 OPS = ("cross_entropy", "fused_linear_dmk", "token_stats_mia")
@@ -58,7 +71,9 @@ ALL_STATS = ("logprob", "lse", "entropy", "mean_logp", "std_logp", "argmax", "co
 
 def add_arguments(parser) -> None:
     parser.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)}")
-    parser.add_argument("--heads", default=None, help="comma-separated heads: llava,qwen2vl (default both)")
+    parser.add_argument("--heads", default=None,
+                        help=f"comma-separated heads of {','.join(h for h in HEADS if h != 'tiny')} "
+                             "(default: those of the device's case list)")
     parser.add_argument("--tokens", default=None, help="comma-separated token counts N (default per head)")
     parser.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 3)")
@@ -66,6 +81,17 @@ def add_arguments(parser) -> None:
 
 def _csv(value, default):
     return tuple(value.split(",")) if value else tuple(default)
+
+
+def auto_provider(op, shape, dtype, device):
+    """What backend="auto" runs for this suite's ops (summary.md)."""
+    registry_op = {"cross_entropy": "token_stats", "token_stats_mia": "token_stats",
+                   "fused_linear_dmk": "fused_linear_dual_masked_kl"}.get(op)
+    if registry_op is None:
+        return None
+    from unlearn_fast.bench.summary import registry_auto
+
+    return registry_auto(registry_op, shape, dtype, device)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -173,6 +199,9 @@ def _loss_fn(op: str, provider: str, compiled: Dict) -> Callable:
     from unlearn_fast.ops.losses import cross_entropy
 
     if op == "cross_entropy":
+        if peers.is_peer(provider):
+            peer = peers.linear_ce_fn(provider)
+            return lambda x: peer(x["h"], x["w"], x["targets"])
         eager = lambda x: _eager_ce(x["h"], x["w"], x["targets"])  # noqa: E731
         fused = lambda x: cross_entropy(x["h"], x["w"], x["targets"], backend=provider)  # noqa: E731
     elif op == "fused_linear_dmk":
@@ -194,9 +223,9 @@ def _loss_fn(op: str, provider: str, compiled: Dict) -> Callable:
     return fused
 
 
-def _gemm_rate(dtype, device, hdim, vocab) -> float:
-    """FLOP/s of one (512, H) @ (H, V) head GEMM in ``dtype`` (best of 3)."""
-    a = torch.randn(512, hdim, device=device).to(dtype)
+def _gemm_rate(dtype, device, hdim, vocab, rows: int = 512) -> float:
+    """FLOP/s of one (rows, H) @ (H, V) head GEMM in ``dtype`` (best of 3)."""
+    a = torch.randn(rows, hdim, device=device).to(dtype)
     b = torch.randn(vocab, hdim, device=device).to(dtype)
     best = float("inf")
     for _ in range(3):
@@ -205,7 +234,7 @@ def _gemm_rate(dtype, device, hdim, vocab) -> float:
         a @ b.t()
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * 512 * hdim * vocab / best
+    return 2 * rows * hdim * vocab / best
 
 
 def _gemm_count(op: str, mode: str) -> int:
@@ -220,35 +249,42 @@ def _gemm_count(op: str, mode: str) -> int:
 def run(args, recorder) -> None:
     device = bench_device(args)
     ops = _csv(getattr(args, "ops", None), OPS)
-    modes = _csv(getattr(args, "modes", None), MODES[:2] if args.quick else MODES)
+    on_cpu = device == "cpu"
+    modes = _csv(getattr(args, "modes", None), MODES[:2] if args.quick else CPU_MODES if on_cpu else MODES)
     if args.quick:
         cases = QUICK_CASES
     else:
-        heads = _csv(getattr(args, "heads", None), ("llava", "qwen2vl"))
+        full = CPU_CASES if on_cpu else CASES
+        heads = _csv(getattr(args, "heads", None), dict.fromkeys(hd for hd, _ in full))
+        unknown = [hd for hd in heads if hd not in HEADS]
+        if unknown:
+            raise ValueError(f"--heads: unknown {unknown}; choose from {sorted(HEADS)}")
         tokens = getattr(args, "tokens", None)
         if tokens:
             cases = [(hd, int(n)) for hd in heads for n in tokens.split(",")]
         else:
-            cases = [(hd, n) for hd, n in CASES if hd in heads]
-    reps = getattr(args, "reps", None) or (2 if args.quick else 3)
-    dtypes = bench_dtypes(args, default=("float32",) if args.quick else ("float32", "bfloat16"))
+            cases = [(hd, n) for hd, n in full if hd in heads]
+    reps = getattr(args, "reps", None) or (5 if args.quick else 3)
+    dtypes = bench_dtypes(args, default=("float32",) if args.quick or on_cpu else ("float32", "bfloat16"))
     gen = torch.Generator().manual_seed(0)
     compiled: Dict = {}
     for head, n in cases:
         hdim, vocab = HEADS[head]
         for dtype in dtypes:
-            rate = _gemm_rate(dtype, device, hdim, vocab)
-            recorder.add("gemm", "aten", "fwd", shape_str(M=512, H=hdim, V=vocab), dtype_str(dtype), device,
+            rows = min(512, n)  # the CPU cases' 64 tokens: a 512-row probe would cost more than the case
+            rate = _gemm_rate(dtype, device, hdim, vocab, rows)
+            recorder.add("gemm", "aten", "fwd", shape_str(M=rows, H=hdim, V=vocab), dtype_str(dtype), device,
                          "gemm_flops_per_s", rate)
             x = _inputs(head, n, dtype, device, gen)
             shape = shape_str(N=n, H=hdim, V=vocab)
             for op in ops:
                 providers = bench_providers(args, "token_stats" if op != "fused_linear_dmk" else
                                             "fused_linear_dual_masked_kl", device)
-                if args.quick and not getattr(args, "backends", None):
+                if (args.quick or on_cpu) and not getattr(args, "backends", None):
                     providers = [p for p in providers if p != "compile"]
                 if op == "token_stats_mia":
                     providers = providers[:1] + ["eager_1pass"] + providers[1:]
+                providers += peers.bench_peers(args, op, device)  # cross_entropy on CUDA: Liger, CCE
                 for mode in modes:
                     if op == "token_stats_mia" and mode != "fwd":
                         continue  # the MIA extras carry no gradient
@@ -270,7 +306,11 @@ def _run_case(recorder, op, mode, providers, x, shape, dtype, device, reps, comp
                   if mode != "fwd" else 0)
     eager_med = eager_peak = None
     for provider in providers:
-        fn = _loss_fn(op, provider, compiled)
+        try:
+            fn = _loss_fn(op, provider, compiled)
+        except Exception as exc:  # a peer's API changed: record and go on
+            print(f"  {op} {provider} unavailable: {type(exc).__name__}: {exc}")
+            continue
         cpu_times: List[float] = []
 
         def step():

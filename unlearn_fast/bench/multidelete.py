@@ -49,6 +49,23 @@ def _env_ints(name, default):
     return tuple(int(v) for v in raw.split(",")) if raw else default
 
 
+def auto_provider(op, shape, dtype, device):
+    """What backend="auto" runs for this suite's ops (summary.md), including
+    similarity_matching_loss's own routing of small batches to eager on the CPU."""
+    from unlearn_fast.bench.plots import parse_shape
+    from unlearn_fast.bench.summary import registry_auto
+    from unlearn_fast.ops.modality import AUTO_EAGER_MAX_ELEMENTS
+
+    if op == "modality_decoupling":
+        return registry_auto(OP_DECOUPLING, shape, dtype, device)
+    if op not in ("similarity_mse", "similarity_kl"):
+        return None
+    b = parse_shape(shape).get("B")
+    if device == "cpu" and isinstance(b, int) and b * b <= AUTO_EAGER_MAX_ELEMENTS:
+        return "eager"
+    return registry_auto(OP_SIMILARITY, shape, dtype, device)
+
+
 def _eager_budget(device: str) -> float:
     raw = os.environ.get("UF_BENCH_EAGER_MAX_GIB")
     if raw:
@@ -203,7 +220,7 @@ def run(args, recorder) -> None:
     bad = [f for f in forms if f not in FORMS]
     if bad:
         raise ValueError(f"UF_BENCH_MULTIDELETE_FORMS: unknown {bad}; choose from {FORMS}")
-    reps = 2 if args.quick else 5
+    reps = 5  # --quick too: short calls, and eager needs a few to warm its heap
     budget = _eager_budget(device)
     bandwidth = measured_bandwidth(device)
     gemm_rate = measured_gemm_flops(device)
