@@ -214,6 +214,9 @@ def _fl_setup(ctx, inputs, output):
     ctx.inv_t, ctx.chunk_size, ctx.summed, ctx.backend = inv_t, chunk_size, summed, backend
     ctx.has_bias = sb is not None
     ctx.mark_non_differentiable(rows if summed else total, stats, gh, gw, gb)
+    # no zero-filled (V, H) stand-in for the weight-gradient output's missing grad: the
+    # backward gets None for outputs nothing depended on
+    ctx.set_materialize_grads(False)
 
 
 def _fl_backward(ctx, g_rows, g_total, _g_stats, _g_gh, _g_gw, _g_gb):

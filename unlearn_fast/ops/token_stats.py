@@ -220,6 +220,9 @@ def _linear_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.summed = row_weights is not None
     ctx.mark_non_differentiable(total if row_weights is None else lp, st, am, gh, gw, gb)
+    # no zero-filled (V, H) stand-in for the weight-gradient output's missing grad: the
+    # backward gets None for outputs nothing depended on
+    ctx.set_materialize_grads(False)
 
 
 def _linear_backward(ctx, g_lp, g_total, _g_st, _g_am, _g_gh, _g_gw, _g_gb):
