@@ -427,3 +427,26 @@ def test_auto_routes_tiny_cpu_batches_to_eager_and_larger_ones_to_cpp(monkeypatc
     large = _sim_inputs(300, 300, 8)
     uf.similarity_matching_loss(*large, form="kl")
     assert calls == ["eager"]  # 300 x 300 > AUTO_EAGER_MAX_ELEMENTS: the fused path ran
+
+
+def test_decoupling_auto_routes_small_cpu_batches_to_eager(monkeypatch):
+    """backend="auto" on the CPU: eager up to AUTO_EAGER_DECOUPLING_ELEMENTS per tensor, the
+    fused pass above (when the cpp backend is built)."""
+    import unlearn_fast.ops.modality as mod
+    from unlearn_fast import backends as be
+
+    calls = []
+    real = mod._md_fwd
+    monkeypatch.setattr(mod, "_md_fwd", lambda *a: calls.append(a[-1]) or real(*a))
+    d = 64
+    small_rows = mod.AUTO_EAGER_DECOUPLING_ELEMENTS // d
+    for rows, expect_fused in ((small_rows, False), (small_rows + 1, True)):
+        calls.clear()
+        xs = [torch.randn(rows, d) for _ in range(6)]
+        xs[0].requires_grad_()
+        loss = mod.modality_decoupling_loss(*xs)
+        loss.backward()
+        fused_here = be.resolve(mod.OP_DECOUPLING, "auto", "cpu") != "eager"
+        assert bool(calls) == (expect_fused and fused_here), (rows, calls)
+        expected = sum(torch.nn.functional.mse_loss(xs[k].detach(), xs[k + 1]) for k in (0, 2, 4))
+        torch.testing.assert_close(loss.detach(), expected.to(loss.dtype), rtol=1e-5, atol=1e-6)

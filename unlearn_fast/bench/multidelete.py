@@ -54,9 +54,13 @@ def auto_provider(op, shape, dtype, device):
     similarity_matching_loss's own routing of small batches to eager on the CPU."""
     from unlearn_fast.bench.plots import parse_shape
     from unlearn_fast.bench.summary import registry_auto
-    from unlearn_fast.ops.modality import AUTO_EAGER_MAX_ELEMENTS
+    from unlearn_fast.ops.modality import AUTO_EAGER_DECOUPLING_ELEMENTS, AUTO_EAGER_MAX_ELEMENTS
 
     if op == "modality_decoupling":
+        dims = parse_shape(shape)
+        n, d = dims.get("N"), dims.get("D")
+        if device == "cpu" and isinstance(n, int) and isinstance(d, int) and n * d <= AUTO_EAGER_DECOUPLING_ELEMENTS:
+            return "eager"
         return registry_auto(OP_DECOUPLING, shape, dtype, device)
     if op not in ("similarity_mse", "similarity_kl"):
         return None

@@ -63,6 +63,12 @@ PANEL_ELEMENTS = 2**22
 # there the B x B matrices are no larger than the embeddings, the fused paths run the same
 # GEMMs as eager and save nothing (measured fused / eager time 0.9 - 1.1 on CPU).
 AUTO_EAGER_MAX_ELEMENTS = 2**16
+# backend="auto" on the CPU runs modality_decoupling_loss's eager reference when no pair holds
+# more than this many elements (e.g. B <= 1024 at D = 256): its three distances are a few
+# elementwise passes, and below this size the fused pass's launch and reduction overhead is
+# not repaid (bench multidelete --quick, CPU: fused / eager 0.75-0.94 at B = 256, D = 256;
+# 0.99-1.3 at B = 1024).
+AUTO_EAGER_DECOUPLING_ELEMENTS = 2**18
 STATS_ROWS = 4  # (max_s, log_sum_s, max_r, log_sum_r) per row / column, structure-of-arrays
 
 
@@ -479,7 +485,9 @@ def modality_decoupling_loss(student_forget_fused: torch.Tensor, reference_shuff
         reduction: "mean" (as above) or "sum" (sum over elements / embeddings).  A pair with
             no embeddings contributes 0.
         return_terms: also return the unweighted terms.
-        backend: "auto", "eager", "cpp", "triton" or "cuda".
+        backend: "auto", "eager", "cpp", "triton" or "cuda".  On the CPU "auto" runs eager
+            when no tensor has more than 2^18 elements (AUTO_EAGER_DECOUPLING_ELEMENTS), where
+            the fused pass is not faster.
 
     All six tensors share one dtype (float32/bfloat16/float16/float64) and device; each
     student/reference pair shares its shape.  Gradients flow to the student tensors only.
@@ -506,6 +514,9 @@ def modality_decoupling_loss(student_forget_fused: torch.Tensor, reference_shuff
 
     name = _resolve(OP_DECOUPLING, backend, student_forget_fused.device, student_forget_fused.dtype)
     pairs = [(tensors[k], tensors[k + 1]) for k in range(0, 6, 2)]
+    if (backend == "auto" and student_forget_fused.device.type == "cpu"
+            and max(t.numel() for t in tensors) <= AUTO_EAGER_DECOUPLING_ELEMENTS):
+        name = "eager"  # small batches: nothing to save (see AUTO_EAGER_DECOUPLING_ELEMENTS)
     if name == "eager":
         terms = reference_decoupling_terms(pairs, distance, reduction)
         total = w[0] * terms[0] + w[1] * terms[1] + w[2] * terms[2]
