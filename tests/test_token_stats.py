@@ -307,3 +307,25 @@ def test_cross_entropy_compile_fullgraph(reduction):
         res.append((val,) + torch.autograd.grad(val, [hh, ww]))
     for a, b in zip(*res):
         torch.testing.assert_close(a, b)
+
+
+def test_auto_routes_small_trainable_head_to_eager_on_cpu(monkeypatch):
+    """backend="auto", CPU: per-token log-probs with a trainable head and small logits run the
+    eager reference (the fused path would add a head GEMM); a frozen head stays fused."""
+    import unlearn_fast.ops.token_stats as ts
+    from unlearn_fast import backends as be
+
+    if be.resolve(ts.OP, "auto", "cpu") == "eager":
+        pytest.skip("no fused CPU backend built")
+    calls = []
+    real = ts._linear_fwd
+    monkeypatch.setattr(ts, "_linear_fwd", lambda *a: calls.append(a[-1]) or real(*a))
+    h = torch.randn(6, 8, requires_grad=True)
+    y = torch.randint(0, 50, (6,))
+    for trainable, expect_fused in ((True, False), (False, True)):
+        calls.clear()
+        w = torch.randn(50, 8, requires_grad=trainable)
+        lp = ts.token_stats(h, w, y)["logprob"]
+        expected = torch.log_softmax(h.detach() @ w.detach().T, -1).gather(1, y[:, None])[:, 0]
+        torch.testing.assert_close(lp.detach(), expected)
+        assert bool(calls) == expect_fused

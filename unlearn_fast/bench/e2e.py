@@ -33,12 +33,10 @@ def add_arguments(parser) -> None:
 
 
 def auto_provider(op, shape, dtype, device):
-    """The methods' default backend is "auto": the token-statistics op's choice (summary.md)."""
-    if not op.startswith("e2e_"):
-        return None
-    from unlearn_fast.bench.summary import registry_auto
-
-    return registry_auto("token_stats", shape, dtype, device)
+    """None: a method step mixes ops whose "auto" choices differ (e.g. NPO's per-token
+    log-probs with a trainable head run eager on the CPU, its CE fused), so no single
+    provider row stands for it (summary.md shows "-")."""
+    return None
 
 
 def fused_providers(device: str):

@@ -52,6 +52,13 @@ from unlearn_fast.ops._linear_head import default_chunk_size as _default_chunk_s
 OP = "token_stats"  # from hidden states and the head weight
 OP_LOGITS = "token_stats_from_logits"
 STATS = ("logprob", "lse", "entropy", "mean_logp", "std_logp", "argmax", "correct")
+# backend="auto" on the CPU runs token_stats' eager reference for per-token log-probs with a
+# trainable head when the logits would take at most this many bytes in float32.  There the
+# fused path needs one more head GEMM than eager (its backward recomputes each chunk's logits
+# for an arbitrary grad_output), the GEMMs are ~all of the time on the CPU, and the memory
+# saved is small (bench e2e, NPO step with a full-fine-tuned LLaVA-1.5-size head, 41 MB of
+# logits: fused 0.94x eager).
+AUTO_EAGER_TRAINABLE_HEAD_BYTES = 256 * 2**20
 
 
 def default_chunk_size(vocab_size: int, num_tokens: Optional[int] = None) -> int:
@@ -430,6 +437,9 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         chunk_size: tokens per chunk for the fused backends (default
             ``default_chunk_size(V)``: chunk x V x 4 bytes <= 128 MiB).
         backend: "auto", "eager" (full logits, log_softmax, gather), "cpp", "triton", "cuda".
+            On the CPU "auto" runs eager when the head is trainable and the float32 logits
+            would take <= 256 MiB (AUTO_EAGER_TRAINABLE_HEAD_BYTES): there the fused path's
+            extra head GEMM is not repaid.
 
     Returns:
         dict name -> tensor shaped like ``targets``; float32 (float64 for float64 input),
@@ -439,6 +449,9 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     t, lead_shape, chunk_size = _check_linear_inputs(hidden, weight, targets, bias, ignore_index, chunk_size)
     name = _resolve(OP, backend, hidden.device, hidden.dtype)
     h2 = hidden.reshape(-1, weight.shape[1])
+    if (backend == "auto" and hidden.device.type == "cpu" and torch.is_grad_enabled() and weight.requires_grad
+            and 4 * h2.shape[0] * weight.shape[0] <= AUTO_EAGER_TRAINABLE_HEAD_BYTES):
+        name = "eager"  # small logits, trainable head: see AUTO_EAGER_TRAINABLE_HEAD_BYTES
     if name == "eager":
         extras = any(s != "logprob" for s in stats)
         out = reference_linear(h2, weight, t, bias, ignore_index, extras)
