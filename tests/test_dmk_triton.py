@@ -7,7 +7,7 @@ import torch
 import unlearn_fast as uf
 from unlearn_fast import backends
 
-from helpers import rel_err
+from helpers import compile_triton_for_gpu, rel_err
 
 pytestmark = pytest.mark.skipif(not backends.availability("triton").available,
                                 reason=f"triton cannot run here: {backends.availability('triton').reason}")
@@ -186,19 +186,5 @@ def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     """The interpreter runs the Python semantics only: compile the kernels for real GPUs
     (TTIR -> PTX -> cubin with triton's bundled ptxas; no GPU needed) in a subprocess, since
     TRITON_INTERPRET=1 patches triton.language in this one."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"triton has no NVIDIA backend here ({exc})")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert res.stdout.count(" ok") == 4, res.stdout
+    stdout = compile_triton_for_gpu(_COMPILE_FOR_GPU, tmp_path)
+    assert stdout.count(" ok") == 4, stdout

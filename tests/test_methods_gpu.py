@@ -4,23 +4,10 @@ trains on the GPU end to end."""
 import pytest
 import torch
 
+from helpers import gpu_backends_for
 from tiny_models import task_and_tokenizer, tiny_llava
 
 pytestmark = pytest.mark.gpu
-
-
-def _gpu_backends():
-    from unlearn_fast import backends
-    import unlearn_fast.ops.registry_all  # noqa: F401
-
-    out = []
-    for name in ("cuda", "triton"):
-        try:
-            backends.resolve("token_stats", name, "cuda")
-            out.append(name)
-        except Exception:
-            pass
-    return out
 
 
 @pytest.mark.parametrize("method", ["siu", "npo", "ga_kl"])
@@ -29,7 +16,7 @@ def test_fused_backends_match_eager_on_gpu(method):
 
     task, tok = task_and_tokenizer()
     results = {}
-    for backend in ["eager"] + _gpu_backends():
+    for backend in ["eager"] + gpu_backends_for("token_stats"):
         torch.manual_seed(0)
         m, model, ctx, hp = build_lm_method(method, tiny_llava().cuda(), tok, task, "seven", backend=backend,
                                             overrides={"batch_size": 3, "lora": 2 if method == "siu" else 0})

@@ -14,7 +14,7 @@ import torch
 from unlearn_fast import saliency as S
 from unlearn_fast.ops import saliency as K
 
-from helpers import cpu_backends_for, rel_err
+from helpers import compile_triton_for_gpu, cpu_backends_for, gpu_backends_for, rel_err
 
 FAST = cpu_backends_for("saliency")
 BACKENDS = ["eager"] + FAST
@@ -590,43 +590,18 @@ def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
     """The interpreter checks the Python semantics only: compile every saliency kernel to a
     cubin (TTIR -> PTX -> ptxas, bundled with triton) for sm_80 / float32 and sm_90 /
     bfloat16 with all flags on, in a subprocess (TRITON_INTERPRET=1 patches this one)."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"triton has no NVIDIA backend here ({exc})")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert res.stdout.count(" ok") == 18, res.stdout
+    stdout = compile_triton_for_gpu(_COMPILE_FOR_GPU, tmp_path)
+    assert stdout.count(" ok") == 18, stdout
 
 
 # --------------------------------------------------------------------------------------
 # GPU (skipped without CUDA): cuda and triton against eager on the device
 # --------------------------------------------------------------------------------------
-def _gpu_backends():
-    from unlearn_fast import backends
-
-    out = []
-    for name in ("cuda", "triton"):
-        try:
-            backends.resolve("saliency", name, "cuda")
-            out.append(name)
-        except Exception:
-            pass
-    return out
 
 
 @pytest.mark.gpu
 def test_gpu_backends_match_eager():
-    names = _gpu_backends()
+    names = gpu_backends_for("saliency")
     assert names, "no GPU backend can run saliency"
     dev = "cuda"
     shapes = SHAPES + [(1 << 20,), (3, 70001)]
@@ -659,7 +634,7 @@ def test_gpu_backends_match_eager():
 
 @pytest.mark.gpu
 def test_gpu_topk_beyond_2_pow_24():
-    for be in _gpu_backends():
+    for be in gpu_backends_for("saliency"):
         scores = [torch.randn(s, device="cuda") for s in [(4096, 4096), (3001, 1001)]]
         flat = torch.cat([s.reshape(-1) for s in scores]).abs()
         k = int(math.floor(0.01 * flat.numel() + 0.5))

@@ -1,5 +1,6 @@
-"""Pieces shared by the op modules: reductions over per-row losses, lazy native op
-namespaces, and the kernel-pair record the backends register."""
+"""Pieces shared by the op modules: backend choice for an op's inputs, reductions over
+per-row losses, lazy native op namespaces, and the kernel-pair record the backends
+register."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,28 @@ from typing import Callable, Optional
 import torch
 
 REDUCTIONS = ("none", "sum", "mean")
+
+
+def resolve_for_inputs(op: str, backend: str, device: torch.device, dtype: torch.dtype, *,
+                       eager_faster_on_cpu: bool = False) -> str:
+    """The backend that runs ``op`` on these inputs: ``backends.resolve``, then two rules for
+    ``backend="auto"`` (an explicit fused backend is honoured or refused, never rerouted):
+
+    * float64 runs eager (the fused kernels are float32/bf16/fp16; asking a fused backend
+      for float64 raises TypeError);
+    * on the CPU, eager when the caller says its measured crossover makes eager faster for
+      this call's sizes (``eager_faster_on_cpu``; each op documents its rule).
+    """
+    from unlearn_fast import backends
+
+    name = backends.resolve(op, backend, device)
+    if name == "eager" or backend != "auto":
+        if dtype == torch.float64 and name != "eager":
+            raise TypeError("float64 inputs run on the eager backend only (the fused kernels are float32/bf16/fp16)")
+        return name
+    if dtype == torch.float64 or (eager_faster_on_cpu and torch.device(device).type == "cpu"):
+        return "eager"
+    return name
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ from torch import nn
 from unlearn_fast import backends
 from unlearn_fast.ops import _validation as V
 from unlearn_fast.ops import dual_masked_kl as dmk
-from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, reduce_rows, reduce_total
+from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, reduce_rows, reduce_total, resolve_for_inputs
 from unlearn_fast.ops._linear_head import (add_bias_grad, add_weight_grad, chunk_logits, refuse_second_backward,
                                           scaled)
 from unlearn_fast.ops._linear_head import default_chunk_size as _default_chunk_size
@@ -359,11 +359,7 @@ def fused_linear_dual_masked_kl(student_hidden: torch.Tensor, student_weight: to
     tw = teacher_weight.detach()
     tb = None if teacher_bias is None else teacher_bias.detach()
 
-    name = backends.resolve(OP, backend, device)
-    if student_hidden.dtype == torch.float64 and name != "eager":
-        if backend != "auto":
-            raise TypeError("float64 inputs run on the eager backend only (the fused kernels are float32/bf16/fp16)")
-        name = "eager"
+    name = resolve_for_inputs(OP, backend, device, student_hidden.dtype)
     if name == "eager":
         rows = reference_linear(sh, student_weight, th, tw, student_bias, tb, ks, kv, inv_temperature, cross_entropy)
         return reduce_rows(rows, ks, reduction, lead_shape, siu_denominator_scale=vocab)

@@ -41,7 +41,7 @@ from torch import nn
 
 from unlearn_fast import backends
 from unlearn_fast.ops import _validation as V
-from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops
+from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, resolve_for_inputs
 
 OP_DECOUPLING = "modality_decoupling"
 OP_SIMILARITY = "similarity_matching"
@@ -432,15 +432,6 @@ backends.register(OP_SIMILARITY, "triton")(SimilarityKernels(
 # ======================================================================================
 # Public API
 # ======================================================================================
-def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    name = backends.resolve(op, backend, device)
-    if dtype == torch.float64 and name != "eager":
-        if backend != "auto":
-            raise TypeError("float64 inputs run on the eager backend only (the fused kernels are float32/bf16/fp16)")
-        name = "eager"
-    return name
-
-
 def _check_weights(weights) -> Tuple[float, float, float]:
     try:
         values = tuple(weights)
@@ -512,11 +503,10 @@ def modality_decoupling_loss(student_forget_fused: torch.Tensor, reference_shuff
     if not isinstance(return_terms, bool):
         raise TypeError(f"return_terms must be a bool, got {type(return_terms).__name__}")
 
-    name = _resolve(OP_DECOUPLING, backend, student_forget_fused.device, student_forget_fused.dtype)
+    small = max(t.numel() for t in tensors) <= AUTO_EAGER_DECOUPLING_ELEMENTS
+    name = resolve_for_inputs(OP_DECOUPLING, backend, student_forget_fused.device, student_forget_fused.dtype,
+                              eager_faster_on_cpu=small)
     pairs = [(tensors[k], tensors[k + 1]) for k in range(0, 6, 2)]
-    if (backend == "auto" and student_forget_fused.device.type == "cpu"
-            and max(t.numel() for t in tensors) <= AUTO_EAGER_DECOUPLING_ELEMENTS):
-        name = "eager"  # small batches: nothing to save (see AUTO_EAGER_DECOUPLING_ELEMENTS)
     if name == "eager":
         terms = reference_decoupling_terms(pairs, distance, reduction)
         total = w[0] * terms[0] + w[1] * terms[1] + w[2] * terms[2]
@@ -623,10 +613,10 @@ def similarity_matching_loss(student_image: torch.Tensor, student_text: torch.Te
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
         raise ValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
 
-    name = _resolve(OP_SIMILARITY, backend, a.device, a.dtype)
     bi, bt, dim = a.shape[0], b.shape[0], a.shape[1]
-    if backend == "auto" and a.device.type == "cpu" and bi * bt <= AUTO_EAGER_MAX_ELEMENTS:
-        name = "eager"  # tiny batches: nothing to save (see AUTO_EAGER_MAX_ELEMENTS)
+    # tiny batches: nothing to save (see AUTO_EAGER_MAX_ELEMENTS)
+    name = resolve_for_inputs(OP_SIMILARITY, backend, a.device, a.dtype,
+                              eager_faster_on_cpu=bi * bt <= AUTO_EAGER_MAX_ELEMENTS)
     if bi == 0 or bt == 0:  # nothing to match: 0, with zero gradients
         return (a.sum() + b.sum()).to(_out_dtype(a)) * 0.0
     if name == "eager":

@@ -44,7 +44,7 @@ import torch
 
 from unlearn_fast import backends
 from unlearn_fast.ops import _validation as V
-from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops
+from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, resolve_for_inputs
 from unlearn_fast.ops._linear_head import (add_bias_grad, add_weight_grad, chunk_logits, refuse_second_backward,
                                           scaled)
 from unlearn_fast.ops._linear_head import default_chunk_size as _default_chunk_size
@@ -408,15 +408,6 @@ def _assemble(out, t, ignore_index, stats, lead_shape) -> Dict[str, torch.Tensor
     return res
 
 
-def _resolve(op, backend, device, dtype):
-    name = backends.resolve(op, backend, device)
-    if dtype == torch.float64 and name != "eager":
-        if backend != "auto":
-            raise TypeError("float64 inputs run on the eager backend only (the fused kernels are float32/bf16/fp16)")
-        name = "eager"
-    return name
-
-
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, *, ignore_index: int = -100,
                 stats: Union[str, Sequence[str]] = ("logprob",), chunk_size: Optional[int] = None,
@@ -447,11 +438,11 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     """
     stats = _check_stats(stats)
     t, lead_shape, chunk_size = _check_linear_inputs(hidden, weight, targets, bias, ignore_index, chunk_size)
-    name = _resolve(OP, backend, hidden.device, hidden.dtype)
     h2 = hidden.reshape(-1, weight.shape[1])
-    if (backend == "auto" and hidden.device.type == "cpu" and torch.is_grad_enabled() and weight.requires_grad
-            and 4 * h2.shape[0] * weight.shape[0] <= AUTO_EAGER_TRAINABLE_HEAD_BYTES):
-        name = "eager"  # small logits, trainable head: see AUTO_EAGER_TRAINABLE_HEAD_BYTES
+    # small logits, trainable head: see AUTO_EAGER_TRAINABLE_HEAD_BYTES
+    small_trainable = (torch.is_grad_enabled() and weight.requires_grad
+                       and 4 * h2.shape[0] * weight.shape[0] <= AUTO_EAGER_TRAINABLE_HEAD_BYTES)
+    name = resolve_for_inputs(OP, backend, hidden.device, hidden.dtype, eager_faster_on_cpu=small_trainable)
     if name == "eager":
         extras = any(s != "logprob" for s in stats)
         out = reference_linear(h2, weight, t, bias, ignore_index, extras)
@@ -482,7 +473,7 @@ def linear_logprob_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     if tuple(row_weights.shape) != tuple(lead_shape) or row_weights.device != hidden.device:
         raise ValueError(f"row_weights must have shape {tuple(lead_shape)} on {hidden.device}, "
                          f"got {tuple(row_weights.shape)} on {row_weights.device}")
-    name = _resolve(OP, backend, hidden.device, hidden.dtype)
+    name = resolve_for_inputs(OP, backend, hidden.device, hidden.dtype)
     h2 = hidden.reshape(-1, weight.shape[1])
     if name == "eager":
         lp = reference_linear(h2, weight, t, bias, ignore_index, extras=False)[0]
@@ -541,7 +532,7 @@ def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, igno
     vocab = logits.shape[-1]
     lead_shape = logits.shape[:-1]
     t = _check_targets(targets, "targets", lead_shape, vocab, logits.device, ignore_index)
-    name = _resolve(OP_LOGITS, backend, logits.device, logits.dtype)
+    name = resolve_for_inputs(OP_LOGITS, backend, logits.device, logits.dtype)
     rows = logits.reshape(-1, vocab)
     if name == "eager":
         out = reference_rows(rows, t, ignore_index, any(s != "logprob" for s in stats))
