@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lin
     });
     if (grad_hidden) {
       at::Tensor ghc = gh.narrow(0, c0, n);
-      at::mm_out(ghc, s, x.sw);
+      chunk_grad_hidden(ghc, s, x.sw);
     }
     if (grad_weight) add_weight_grad(gw, s, hc);
     if (grad_bias) add_bias_grad(gb, s);

@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                         rw != nullptr ? rw + c0 : ones.data());
     if (grad_hidden) {
       at::Tensor ghc = gh.narrow(0, c0, n);
-      at::mm_out(ghc, out, weight);
+      chunk_grad_hidden(ghc, out, weight);
     }
     if (grad_weight) add_weight_grad(gw, out, hc);
     if (grad_bias) add_bias_grad(gb, out);
@@ -237,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
     chunk_gradient_rows(out, tg + c0, ignore_index, row_stats.data_ptr<float>() + 4 * c0, go + c0);
     if (need_grad_hidden) {
       at::Tensor ghc = gh.narrow(0, c0, n);
-      at::mm_out(ghc, out, weight);
+      chunk_grad_hidden(ghc, out, weight);
     }
     if (need_grad_weight) add_weight_grad(gw, out, hc);
     if (need_grad_bias) add_bias_grad(gb, out);

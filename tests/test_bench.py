@@ -262,6 +262,9 @@ def test_bench_every_suite_through_the_cli(bench_dir):
             "e2e_siu", "e2e_npo", "e2e_ga_kl"} <= ops
     threads = {r["shape"]: r["value"] for r in rows if r["metric"] == "cpu_threads"}
     assert threads and set(threads.values()) == {1.0}  # --quick on the CPU: one intra-op thread
+    # the e2e suite times what a user gets by default (backend="auto") beside eager and cpp
+    e2e_providers = {r["provider"] for r in rows if r["op"] == "e2e_npo" and r["metric"] == "time_median_s"}
+    assert {"eager", "cpp", "auto"} <= e2e_providers
 
 
 def test_bench_writes_plots_and_summary(bench_dir):
@@ -273,6 +276,8 @@ def test_bench_writes_plots_and_summary(bench_dir):
     assert "| op | mode | shape |" in summary
     for op in ("dual_masked_kl", "cross_entropy", "topk_mask", "similarity_kl", "eval_scores", "e2e_npo"):
         assert f"| {op} |" in summary
+    e2e_line = next(ln for ln in summary.splitlines() if ln.startswith("| e2e_npo |"))
+    assert "| auto |" in e2e_line  # the auto column shows the e2e "auto" provider's ratio
     assert "slower than eager" in summary
 
 

@@ -130,6 +130,15 @@ def test_frozen_and_shared_heads(backend, head, reduction):
     assert ("w" in og) == (head == "shared_trainable")
 
 
+@pytest.mark.parametrize("backend", [b for b in FAST if b != "triton"])  # interpreter: too slow at this V
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocabulary_slabs(backend, reduction):
+    # V over several of the CPU float32 GEMMs' vocabulary slabs (csrc/linear_chunk.h,
+    # kVocabSlab = 4096) with a partial last one, biases, and a one-row last chunk
+    x = _inputs((17,), 12, 2 * 4096 + 123, torch.float32, bias=True)
+    _check(x, torch.float32, backend, reduction=reduction, chunk_size=8, forget_token_ids=[3, 4500, 8300])
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_bf16_bias_frozen_head_default_chunk(backend):
     n, h, v, _ = _shape_for(backend)

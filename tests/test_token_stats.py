@@ -87,6 +87,25 @@ def test_linear_3d_bias_weight_grad(backend, weight_grad):
 
 
 @pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_linear_vocabulary_slabs(backend, weight_grad):
+    # V over several of the CPU float32 GEMMs' vocabulary slabs (csrc/linear_chunk.h,
+    # kVocabSlab = 4096) with a partial last one, a bias, and a one-row last chunk
+    h, w, b, t = _inputs((17,), 12, 2 * 4096 + 123, torch.float32, bias=True)
+    _check_against_oracle(h, w, b, t, torch.float32, backend, weight_grad=weight_grad, chunk_size=8)
+    # the summed path (cross_entropy: gradients formed in the forward)
+    hh, ww = h.float().requires_grad_(), w.float().requires_grad_(weight_grad)
+    loss = uf.cross_entropy(hh, ww, t, b.float(), chunk_size=8, backend=backend)
+    ref = torch.nn.functional.cross_entropy(h @ w.t() + b, t, ignore_index=IGN)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    got = torch.autograd.grad(loss, [hh] + ([ww] if weight_grad else []))
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = torch.autograd.grad(torch.nn.functional.cross_entropy(hr @ wr.t() + b, t, ignore_index=IGN), [hr, wr])
+    for a, r in zip(got, want):
+        assert rel_err(a, r) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", FAST)
 def test_linear_bf16_bias_default_chunk(backend):
     h, w, b, t = _inputs((2, 11), 24, 1000, torch.bfloat16, bias=True, scale=4.0)
     _check_against_oracle(h, w, b, t, torch.bfloat16, backend)
