@@ -245,7 +245,7 @@ def _prepare(args) -> dict:
     sets = _parse_sets(args.set)
     methods = list(ALL_METHODS) if args.method == "all" else [args.method]
     overrides = {m: _overrides(m, sets, args) for m in methods}
-    unsharded = [m for m in methods if m in ("multidelete", "mmunlearner")]
+    unsharded = [m for m in methods if m == "multidelete"]
     if getattr(args, "fsdp", False) and unsharded:
         raise RunError(f"--fsdp: {', '.join(unsharded)} do(es) not run sharded yet (leave out --fsdp for DDP, or "
                        f"pick another --method)")

@@ -71,23 +71,37 @@ def shard_model(model, adapter) -> List[str]:
     return groups
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) tensor (a view: writes reach the DTensor);
+    a plain tensor as it is."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def global_grad_norm(grads: Iterable[Optional[torch.Tensor]]) -> float:
+    """The 2-norm of the whole gradient over a mix of sharded (DTensor: this rank's shard,
+    squared sums all-reduced) and replicated tensors (identical on every rank after the
+    trainer's all-reduce: counted once).  A collective when a process group exists."""
+    grads = [g for g in grads if g is not None]
+    sharded = torch.zeros((), dtype=torch.float64)
+    plain = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        if is_sharded(g):
+            sharded += g.to_local().detach().double().pow(2).sum().cpu()
+        else:
+            plain += g.detach().double().pow(2).sum().cpu()
+    if torch.distributed.is_initialized():
+        dev = grads[0].device if grads and grads[0].device.type == "cuda" else torch.device("cpu")
+        sharded = sharded.to(dev)
+        torch.distributed.all_reduce(sharded)
+        sharded = sharded.cpu()
+    return float((sharded + plain).sqrt())
+
+
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> float:
     """torch's ``clip_grad_norm_`` (2-norm, coefficient max_norm / (norm + 1e-6) capped at
     1) over a mix of sharded (DTensor) and replicated gradients; returns the total norm."""
     params = [p for p in params if p.grad is not None]
-    sharded = torch.zeros((), dtype=torch.float64)
-    plain = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if is_sharded(p.grad):
-            sharded += p.grad.to_local().detach().double().pow(2).sum().cpu()
-        else:
-            plain += p.grad.detach().double().pow(2).sum().cpu()
-    if torch.distributed.is_initialized():
-        dev = params[0].grad.device if params and params[0].grad.device.type == "cuda" else torch.device("cpu")
-        sharded = sharded.to(dev)
-        torch.distributed.all_reduce(sharded)
-        sharded = sharded.cpu()
-    total = float((sharded + plain).sqrt())
+    total = global_grad_norm([p.grad for p in params])
     coef = min(1.0, max_norm / (total + 1e-6))
     if coef < 1.0:
         for p in params:
@@ -117,8 +131,6 @@ def unsharded_copy(template, state: Dict[str, torch.Tensor]):
 
 def check_supported(method_name: str, cfg) -> Optional[str]:
     """Why FSDP mode cannot run this configuration (None when it can)."""
-    if method_name == "mmunlearner":
-        return "mmunlearner's Fisher saliency mask transforms whole gradients; it is not sharded yet (use DDP)"
     if cfg.checkpoint_every:
         return "checkpoint/resume is not implemented for FSDP mode yet (set checkpoint_every=0)"
     return None
