@@ -72,13 +72,18 @@ def test_fsdp_two_gloo_processes_equal_one(tmp_path):
     assert sum(int(not torch.equal(base[n], w)) for n, w in single["state"].items()) > 0  # it did train
 
 
-def test_fsdp_refuses_what_it_cannot_do():
+def test_fsdp_refuses_what_it_cannot_do(tmp_path):
+    import json
+
     from tiny_models import task_and_tokenizer, tiny_llava
     from unlearn_fast.methods.runner import run_lm_method
-    from unlearn_fast.methods.trainer import TrainConfig
 
     task, tok = task_and_tokenizer()
-    with pytest.raises(ValueError, match="checkpoint/resume is not implemented for FSDP"):
-        TrainConfig(fsdp=True, checkpoint_every=5).validate()
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
         run_lm_method("ga", tiny_llava(), tok, task, "seven", fsdp=True, progress=False, overrides={"steps": 1})
+    # an FSDP (sharded) checkpoint is not silently ignored or misread by a plain run
+    (tmp_path / "checkpoint" / "sharded").mkdir(parents=True)
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"step": 1, "history": []}))
+    with pytest.raises(ValueError, match="holds an FSDP .sharded. checkpoint; resume it with --fsdp"):
+        run_lm_method("ga", tiny_llava(), tok, task, "seven", progress=False, overrides={"steps": 2},
+                      out_dir=str(tmp_path))

@@ -400,7 +400,7 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
     run = run_multidelete if method == "multidelete" else functools_partial(run_lm_method, method)
     extra = {}
     if getattr(args, "fsdp", False):
-        extra = {"fsdp": True, "checkpoint_every": 0}
+        extra = {"fsdp": True}
     t0 = time.perf_counter()
     res = run(model, tokenizer, task, concept, backend=args.backend, overrides=overrides, seed=args.seed,
               out_dir=mdir, progress=not args.no_progress, mixed_precision=args.mixed_precision,

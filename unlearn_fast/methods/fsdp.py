@@ -109,6 +109,42 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> float:
     return total
 
 
+def _state_dict_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # the frozen weights (LoRA's base, the frozen vision tower) are the input model's:
+    # a checkpoint holds what training changes, as the non-FSDP one does
+    return StateDictOptions(ignore_frozen_params=True, **kw)
+
+
+def save_sharded(model, optimizer, path: str) -> None:
+    """Write the trainable weights and the optimiser state with torch.distributed.checkpoint:
+    every rank writes its own shards into the folder ``path`` (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_dict_options())
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
+
+
+def load_sharded(model, optimizer, path: str) -> None:
+    """Load what :func:`save_sharded` wrote (the same sharding layout is not required:
+    DCP reshards) into ``model`` and ``optimizer`` in place (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_dict_options())
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_state_dict_options(strict=False))
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def gather_full_state(model) -> Dict[str, torch.Tensor]:
     """{name: full tensor} of ``model.state_dict()`` (a collective: every rank calls it)."""
     out = {}
@@ -131,6 +167,4 @@ def unsharded_copy(template, state: Dict[str, torch.Tensor]):
 
 def check_supported(method_name: str, cfg) -> Optional[str]:
     """Why FSDP mode cannot run this configuration (None when it can)."""
-    if cfg.checkpoint_every:
-        return "checkpoint/resume is not implemented for FSDP mode yet (set checkpoint_every=0)"
     return None
