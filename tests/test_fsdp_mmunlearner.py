@@ -14,12 +14,14 @@ MODES = ("mask", "geometry")
 
 def _train(fsdp: bool, mode: str):
     from tiny_models import task_and_tokenizer, tiny_llava
+    from unlearn_fast.methods.fsdp import full_state_on_rank0
     from unlearn_fast.methods.runner import run_lm_method
 
     task, tok = task_and_tokenizer()
     res = run_lm_method("mmunlearner", tiny_llava(), tok, task, "seven", fsdp=fsdp, progress=False,
                         overrides={**OVERRIDES, "mode": mode})
-    return {"state": {k: v.detach().clone() for k, v in res.model.state_dict().items()},
+    state = full_state_on_rank0(res.model) if res.sharded else res.model.state_dict()  # rank 0 only
+    return {"state": {k: v.detach().clone() for k, v in state.items()},
             "losses": [h.get(k, float("nan")) for h in res.history for k in ("forget_ce", "retain_ce", "grad_norm")]}
 
 

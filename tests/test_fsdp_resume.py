@@ -18,12 +18,14 @@ class Interrupted(Exception):
 
 def _run(out_dir, checkpoint_every=0):
     from tiny_models import task_and_tokenizer, tiny_llava
+    from unlearn_fast.methods.fsdp import full_state_on_rank0
     from unlearn_fast.methods.runner import run_lm_method
 
     task, tok = task_and_tokenizer()
     res = run_lm_method("ga_kl", tiny_llava(), tok, task, "seven", fsdp=True, out_dir=out_dir,
                         checkpoint_every=checkpoint_every, **KW)
-    return {"state": {k: v.detach().clone() for k, v in res.model.state_dict().items()},
+    state = full_state_on_rank0(res.model) if res.sharded else res.model.state_dict()  # rank 0 only
+    return {"state": {k: v.detach().clone() for k, v in state.items()},
             "losses": [h[k] for h in res.history for k in ("forget_ce", "retain_kl", "grad_norm", "lr")],
             "resumed_from": res.resumed_from}
 

@@ -9,17 +9,28 @@ pytestmark = pytest.mark.distributed
 KW = dict(overrides={"steps": 3, "batch_size": 4, "lr": 1e-2}, progress=False)
 
 
-def _train(fsdp: bool):
+def _train(fsdp: bool, save_dir=None):
     from tiny_models import task_and_tokenizer, tiny_llava
-    from unlearn_fast.methods.runner import run_lm_method
+    from unlearn_fast.methods.runner import run_lm_method, save_unlearned_model
 
     task, tok = task_and_tokenizer()
     res = run_lm_method("ga_kl", tiny_llava(), tok, task, "seven", fsdp=fsdp, **KW)
-    return {"state": {k: v.detach().clone() for k, v in res.model.state_dict().items()},
+    assert res.sharded == fsdp
+    if fsdp:  # the weights as saved (gathered to rank 0 only)
+        save_unlearned_model(res, save_dir)
+        if torch.distributed.get_rank() != 0:
+            return None
+        from transformers import LlavaForConditionalGeneration
+
+        state = LlavaForConditionalGeneration.from_pretrained(save_dir).state_dict()
+    else:
+        state = res.model.state_dict()
+    return {"state": {k: v.detach().clone() for k, v in state.items()},
             "losses": [h[k] for h in res.history for k in ("forget_ce", "retain_kl", "loss", "grad_norm")]}
 
 
 def _worker(rank, world, store, out_path, tests_dir):
+    import os
     import sys
 
     import torch.distributed as dist
@@ -35,7 +46,7 @@ def _worker(rank, world, store, out_path, tests_dir):
         model = tiny_llava()
         groups = fsdp.shard_model(model, get_adapter(model))
         sharded = sum(fsdp.is_sharded(p) for p in model.parameters())
-        res = _train(fsdp=True)
+        res = _train(fsdp=True, save_dir=os.path.dirname(out_path) + "/saved")
         if rank == 0:
             torch.save({**res, "groups": groups, "sharded": sharded,
                         "head_sharded": fsdp.is_sharded(model.lm_head.weight)}, out_path)

@@ -429,9 +429,10 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
         row["retained_retrieval_drop"] = _sub(base.get("retained_retrieval"), row.get("retained_retrieval"))
     if args.throughput_steps > 0:
         row.update(_throughput(method, model, tokenizer, task, concept, args, overrides, device))
-    if args.save_model and rank == 0:
-        res.model.save_pretrained(os.path.join(mdir, "model"), safe_serialization=True)
-        tokenizer.save_pretrained(os.path.join(mdir, "model"))
+    if args.save_model:  # every rank calls it: under FSDP it gathers the weights to rank 0
+        from unlearn_fast.methods.runner import save_unlearned_model
+
+        save_unlearned_model(res, os.path.join(mdir, "model"), tokenizer)
     row = _clean(row)
     if rank == 0:
         _write_json(done, row)

@@ -16,6 +16,7 @@ where the model fits a device's host memory, the usual case for FSDP-for-trainin
 """
 from __future__ import annotations
 
+import inspect
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -40,6 +41,9 @@ def _fully_shard():
         raise RuntimeError(f"FSDP mode needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
                            f"{torch.__version__}") from exc
     return fully_shard
+
+
+ENCODER_METHODS = ("get_image_features", "get_video_features")
 
 
 def _layer_lists(module: torch.nn.Module) -> List[torch.nn.ModuleList]:
@@ -68,6 +72,16 @@ def shard_model(model, adapter) -> List[str]:
             groups.append(names.get(id(block), "?"))
     fully_shard(backbone)
     groups.append(names.get(id(backbone), "?"))
+    # transformers' generate (5.x) runs the vision encoder through these methods of the
+    # backbone, not through its forward: make them gather the root group's weights too
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    for method in ENCODER_METHODS:
+        if callable(getattr(backbone, method, None)):
+            register_fsdp_forward_method(backbone, method)
+            # generate picks the keyword arguments by the method's signature; the patched
+            # bound method would report the original's minus its first argument
+            getattr(backbone, method).__func__.__signature__ = inspect.signature(getattr(type(backbone), method))
     return groups
 
 
@@ -145,12 +159,12 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def gather_full_state(model) -> Dict[str, torch.Tensor]:
-    """{name: full tensor} of ``model.state_dict()`` (a collective: every rank calls it)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        out[k] = v.full_tensor() if is_sharded(v) else v
-    return {k: v.detach().clone() for k, v in out.items()}
+def full_state_on_rank0(model) -> Dict[str, torch.Tensor]:
+    """The full ``state_dict`` of a sharded model, gathered to rank 0's CPU memory only
+    (a collective: every rank calls it; the other ranks get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def unsharded_copy(template, state: Dict[str, torch.Tensor]):
