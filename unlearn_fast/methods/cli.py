@@ -82,8 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "models on a busy machine)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun / accelerate launch: shard the model (and a separate frozen reference) with "
-                        "FSDP2 instead of replicating it (language-model methods except mmunlearner; no "
-                        "intermediate checkpoints)")
+                        "FSDP2 instead of replicating it (every language-model method, not multidelete): sharded "
+                        "checkpoints (torch.distributed.checkpoint), evaluation on the sharded model, --save-model "
+                        "gathers the weights to rank 0 only")
     p.add_argument("--restart", action="store_true", help="discard earlier results in DIR instead of resuming")
     p.add_argument("--no-progress", action="store_true")
 

@@ -10,9 +10,29 @@ makes FSDP gather a group), so the trainer all-reduces its gradient as under DDP
 FSDP reduce-scatters (averages) the sharded ones.  A separate frozen reference model (no
 LoRA) is sharded the same way; with LoRA the reference is the same sharded module.
 
-After training, :func:`gather_full_state` collects the full weights on every rank (the
-evaluation and saving run on a plain model).  That needs one full copy per rank: fine
-where the model fits a device's host memory, the usual case for FSDP-for-training.
+Supported: every language-model method (ga, ga_kl, graddiff, kl_min, npo, po, siu,
+mmunlearner; MultiDelete is not sharded).
+* MMUnlearner: the Fisher, the saliency mask and the masked / geometry gradient transform
+  are elementwise, so they run on each rank's parameter shards (:func:`local`) and give
+  exactly the slices of the single-process ones; the clipping norm is global
+  (:func:`global_grad_norm`, passed to ``saliency.transform_gradients_(total_norm=)``).
+  The mask lives sharded in memory (it is not written to disk).
+* Checkpoint/resume: the trainer writes the trainable weights and the optimiser state
+  with torch.distributed.checkpoint (:func:`save_sharded` / :func:`load_sharded`: every
+  rank writes its own shard file into ``checkpoint/sharded``; the folder must be on a
+  file system every rank sees), its own small state (step, schedule, RNG, history) as
+  without FSDP; temporary folder, barriers, rank-0 rename.
+* After training nothing is gathered on every rank: the sharded model is evaluated as it
+  is (``unlearn_fast.metrics`` pads every rank's share of the examples to the same count
+  per modality, so the ranks' forwards, each a collective, match; greedy decoding runs
+  in lockstep with transformers' ``synced_gpus``), and saving gathers the full state dict
+  to rank 0's CPU memory only (:func:`full_state_on_rank0`,
+  ``runner.save_unlearned_model``).
+
+Limitation: every forward is a collective, so every rank must run the same modules.  The
+training batches put image rows first before splitting them over the ranks, which holds
+when a global batch has no image row or at least one per rank; a global batch with fewer
+image rows than ranks (but some) would make the ranks disagree (raise the batch size).
 """
 from __future__ import annotations
 

@@ -96,7 +96,13 @@ class BatchStream:
             order = np.arange(len(self.rows))
         idx = order[j * self.batch_size:(j + 1) * self.batch_size].tolist()
         rank, world = dist_info()
-        return idx[rank::world] if world > 1 else idx
+        if world == 1:
+            return idx
+        # image rows first (stable): every rank's share holds an image whenever the global
+        # batch has >= world of them, so under FSDP the vision encoder (a collective) runs
+        # on every rank or on none; fewer images than ranks still mismatch (see fsdp.py)
+        idx = sorted(idx, key=lambda k: getattr(self.rows[k], "image", None) is None)
+        return idx[rank::world]
 
     def __call__(self, i: int) -> dict:
         key = int(i) % (self.per_epoch * (1 << 20))
