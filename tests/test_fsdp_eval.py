@@ -48,6 +48,8 @@ def _worker(rank, world, store, out_path, tests_dir, ids_path):
         res = _evaluate(model, tiny_llava(seed=1))
         if rank == 0:
             torch.save(res, out_path)
+        del model
+        dist.barrier()  # no rank tears the group down while the other still communicates
     finally:
         dist.destroy_process_group()
 
