@@ -9,17 +9,28 @@ pytestmark = pytest.mark.distributed
 KW = dict(overrides={"steps": 3, "batch_size": 4, "lr": 1e-2}, progress=False)
 
 
-def _train(fsdp: bool):
+def _train(fsdp: bool, save_dir=None):
     from tiny_models import task_and_tokenizer, tiny_llava
-    from unlearn_fast.methods.runner import run_lm_method
+    from unlearn_fast.methods.runner import run_lm_method, save_unlearned_model
 
     task, tok = task_and_tokenizer()
     res = run_lm_method("ga_kl", tiny_llava(), tok, task, "seven", fsdp=fsdp, **KW)
-    return {"state": {k: v.detach().clone() for k, v in res.model.state_dict().items()},
+    assert res.sharded == fsdp
+    if fsdp:  # the weights as saved (gathered to rank 0 only)
+        save_unlearned_model(res, save_dir)
+        if torch.distributed.get_rank() != 0:
+            return None
+        from transformers import LlavaForConditionalGeneration
+
+        state = LlavaForConditionalGeneration.from_pretrained(save_dir).state_dict()
+    else:
+        state = res.model.state_dict()
+    return {"state": {k: v.detach().clone() for k, v in state.items()},
             "losses": [h[k] for h in res.history for k in ("forget_ce", "retain_kl", "loss", "grad_norm")]}
 
 
 def _worker(rank, world, store, out_path, tests_dir):
+    import os
     import sys
 
     import torch.distributed as dist
@@ -35,7 +46,7 @@ def _worker(rank, world, store, out_path, tests_dir):
         model = tiny_llava()
         groups = fsdp.shard_model(model, get_adapter(model))
         sharded = sum(fsdp.is_sharded(p) for p in model.parameters())
-        res = _train(fsdp=True)
+        res = _train(fsdp=True, save_dir=os.path.dirname(out_path) + "/saved")
         if rank == 0:
             torch.save({**res, "groups": groups, "sharded": sharded,
                         "head_sharded": fsdp.is_sharded(model.lm_head.weight)}, out_path)
@@ -72,16 +83,18 @@ def test_fsdp_two_gloo_processes_equal_one(tmp_path):
     assert sum(int(not torch.equal(base[n], w)) for n, w in single["state"].items()) > 0  # it did train
 
 
-def test_fsdp_refuses_what_it_cannot_do():
+def test_fsdp_refuses_what_it_cannot_do(tmp_path):
+    import json
+
     from tiny_models import task_and_tokenizer, tiny_llava
     from unlearn_fast.methods.runner import run_lm_method
-    from unlearn_fast.methods.trainer import TrainConfig
 
     task, tok = task_and_tokenizer()
-    with pytest.raises(ValueError, match="checkpoint/resume is not implemented for FSDP"):
-        TrainConfig(fsdp=True, checkpoint_every=5).validate()
-    with pytest.raises(ValueError, match="mmunlearner's Fisher saliency mask"):
-        run_lm_method("mmunlearner", tiny_llava(), tok, task, "seven", fsdp=True, progress=False,
-                      overrides={"steps": 1})
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
         run_lm_method("ga", tiny_llava(), tok, task, "seven", fsdp=True, progress=False, overrides={"steps": 1})
+    # an FSDP (sharded) checkpoint is not silently ignored or misread by a plain run
+    (tmp_path / "checkpoint" / "sharded").mkdir(parents=True)
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"step": 1, "history": []}))
+    with pytest.raises(ValueError, match="holds an FSDP .sharded. checkpoint; resume it with --fsdp"):
+        run_lm_method("ga", tiny_llava(), tok, task, "seven", progress=False, overrides={"steps": 2},
+                      out_dir=str(tmp_path))

@@ -708,8 +708,8 @@ class GradientTransform(NamedTuple):
 
 
 def transform_gradients_(grads, mask=None, mode: str = "mask", preserve_fisher=None, lam: float = 1.0,
-                         project_out=None, max_norm: Optional[float] = None, *, backend: str = "auto"
-                         ) -> GradientTransform:
+                         project_out=None, max_norm: Optional[float] = None, *, backend: str = "auto",
+                         total_norm=None) -> GradientTransform:
     """Transform a gradient list in place (MMUnlearner / SFR-on), in this order:
 
     1. clip by the global norm (torch.nn.utils.clip_grad_norm_'s rule: multiply by
@@ -733,6 +733,11 @@ def transform_gradients_(grads, mask=None, mode: str = "mask", preserve_fisher=N
         project_out: retain gradients r shaped like ``grads`` (converted to their dtypes).
         max_norm: the clipping norm (> 0) or None for no clipping.
         backend: "auto", "eager", "cpp", "triton", "cuda".
+        total_norm: the norm of the WHOLE gradient when ``grads`` are one rank's shards
+            of it (FSDP: see ``methods/fsdp.global_grad_norm``): clipping then uses it
+            instead of the norm of ``grads``, so every shard gets the single-process
+            factor.  Needs ``max_norm``; not with ``project_out`` (its dot products would
+            be local to the shard).
     """
     g = _tensor_list(grads, "grads")
     if mode not in MODES:
@@ -753,6 +758,13 @@ def transform_gradients_(grads, mask=None, mode: str = "mask", preserve_fisher=N
         _check_aligned(g, retain, "grads", "project_out")
     if max_norm is not None:
         max_norm = _check_number(max_norm, "max_norm", positive=True)
+    if total_norm is not None:
+        if max_norm is None:
+            raise ValueError("total_norm is the norm to clip by: it needs max_norm")
+        if project_out is not None:
+            raise ValueError("total_norm (sharded gradients) cannot be combined with project_out: the projection's "
+                             "dot products would cover this shard only")
+        total_norm = _check_number(float(total_norm), "total_norm", nonneg=True)
     for t in g:
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError("grads must not require grad (pass p.grad, not p)")
@@ -762,6 +774,13 @@ def transform_gradients_(grads, mask=None, mode: str = "mask", preserve_fisher=N
     dtypes = {t.dtype for t in g}
     names = {d: _resolve(backend, d, dtypes) for d in devices}
     with torch.no_grad():
+        if total_norm is not None:  # sharded: clip by the global norm first, then the local transform
+            clip = torch.clamp(torch.tensor(max_norm / (total_norm + K.CLIP_EPS), dtype=torch.float64), max=1.0)
+            for t in g:
+                t.mul_(clip.to(t.dtype))
+            transform_gradients_(g, mask, mode, preserve_fisher, lam, None, None, backend=backend)
+            home = g[0].device
+            return GradientTransform(torch.tensor(total_norm, dtype=torch.float64, device=home), clip.to(home), None)
         if any(n == "eager" for n in names.values()):
             dense = [d.float() for d in BitMask(words, [t.shape for t in g]).to_dense()] if words else None
             total, clip, proj = K.reference_transform_(g, dense, preserve, lam, retain, max_norm)

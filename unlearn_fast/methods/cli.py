@@ -82,8 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "models on a busy machine)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun / accelerate launch: shard the model (and a separate frozen reference) with "
-                        "FSDP2 instead of replicating it (language-model methods except mmunlearner; no "
-                        "intermediate checkpoints)")
+                        "FSDP2 instead of replicating it (every language-model method, not multidelete): sharded "
+                        "checkpoints (torch.distributed.checkpoint), evaluation on the sharded model, --save-model "
+                        "gathers the weights to rank 0 only")
     p.add_argument("--restart", action="store_true", help="discard earlier results in DIR instead of resuming")
     p.add_argument("--no-progress", action="store_true")
 
@@ -245,7 +246,7 @@ def _prepare(args) -> dict:
     sets = _parse_sets(args.set)
     methods = list(ALL_METHODS) if args.method == "all" else [args.method]
     overrides = {m: _overrides(m, sets, args) for m in methods}
-    unsharded = [m for m in methods if m in ("multidelete", "mmunlearner")]
+    unsharded = [m for m in methods if m == "multidelete"]
     if getattr(args, "fsdp", False) and unsharded:
         raise RunError(f"--fsdp: {', '.join(unsharded)} do(es) not run sharded yet (leave out --fsdp for DDP, or "
                        f"pick another --method)")
@@ -400,7 +401,7 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
     run = run_multidelete if method == "multidelete" else functools_partial(run_lm_method, method)
     extra = {}
     if getattr(args, "fsdp", False):
-        extra = {"fsdp": True, "checkpoint_every": 0}
+        extra = {"fsdp": True}
     t0 = time.perf_counter()
     res = run(model, tokenizer, task, concept, backend=args.backend, overrides=overrides, seed=args.seed,
               out_dir=mdir, progress=not args.no_progress, mixed_precision=args.mixed_precision,
@@ -429,9 +430,10 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
         row["retained_retrieval_drop"] = _sub(base.get("retained_retrieval"), row.get("retained_retrieval"))
     if args.throughput_steps > 0:
         row.update(_throughput(method, model, tokenizer, task, concept, args, overrides, device))
-    if args.save_model and rank == 0:
-        res.model.save_pretrained(os.path.join(mdir, "model"), safe_serialization=True)
-        tokenizer.save_pretrained(os.path.join(mdir, "model"))
+    if args.save_model:  # every rank calls it: under FSDP it gathers the weights to rank 0
+        from unlearn_fast.methods.runner import save_unlearned_model
+
+        save_unlearned_model(res, os.path.join(mdir, "model"), tokenizer)
     row = _clean(row)
     if rank == 0:
         _write_json(done, row)

@@ -10,12 +10,33 @@ makes FSDP gather a group), so the trainer all-reduces its gradient as under DDP
 FSDP reduce-scatters (averages) the sharded ones.  A separate frozen reference model (no
 LoRA) is sharded the same way; with LoRA the reference is the same sharded module.
 
-After training, :func:`gather_full_state` collects the full weights on every rank (the
-evaluation and saving run on a plain model).  That needs one full copy per rank: fine
-where the model fits a device's host memory, the usual case for FSDP-for-training.
+Supported: every language-model method (ga, ga_kl, graddiff, kl_min, npo, po, siu,
+mmunlearner; MultiDelete is not sharded).
+* MMUnlearner: the Fisher, the saliency mask and the masked / geometry gradient transform
+  are elementwise, so they run on each rank's parameter shards (:func:`local`) and give
+  exactly the slices of the single-process ones; the clipping norm is global
+  (:func:`global_grad_norm`, passed to ``saliency.transform_gradients_(total_norm=)``).
+  The mask lives sharded in memory (it is not written to disk).
+* Checkpoint/resume: the trainer writes the trainable weights and the optimiser state
+  with torch.distributed.checkpoint (:func:`save_sharded` / :func:`load_sharded`: every
+  rank writes its own shard file into ``checkpoint/sharded``; the folder must be on a
+  file system every rank sees), its own small state (step, schedule, RNG, history) as
+  without FSDP; temporary folder, barriers, rank-0 rename.
+* After training nothing is gathered on every rank: the sharded model is evaluated as it
+  is (``unlearn_fast.metrics`` pads every rank's share of the examples to the same count
+  per modality, so the ranks' forwards, each a collective, match; greedy decoding runs
+  in lockstep with transformers' ``synced_gpus``), and saving gathers the full state dict
+  to rank 0's CPU memory only (:func:`full_state_on_rank0`,
+  ``runner.save_unlearned_model``).
+
+Limitation: every forward is a collective, so every rank must run the same modules.  The
+training batches put image rows first before splitting them over the ranks, which holds
+when a global batch has no image row or at least one per rank; a global batch with fewer
+image rows than ranks (but some) would make the ranks disagree (raise the batch size).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -40,6 +61,9 @@ def _fully_shard():
         raise RuntimeError(f"FSDP mode needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
                            f"{torch.__version__}") from exc
     return fully_shard
+
+
+ENCODER_METHODS = ("get_image_features", "get_video_features")
 
 
 def _layer_lists(module: torch.nn.Module) -> List[torch.nn.ModuleList]:
@@ -68,26 +92,50 @@ def shard_model(model, adapter) -> List[str]:
             groups.append(names.get(id(block), "?"))
     fully_shard(backbone)
     groups.append(names.get(id(backbone), "?"))
+    # transformers' generate (5.x) runs the vision encoder through these methods of the
+    # backbone, not through its forward: make them gather the root group's weights too
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    for method in ENCODER_METHODS:
+        if callable(getattr(backbone, method, None)):
+            register_fsdp_forward_method(backbone, method)
+            # generate picks the keyword arguments by the method's signature; the patched
+            # bound method would report the original's minus its first argument
+            getattr(backbone, method).__func__.__signature__ = inspect.signature(getattr(type(backbone), method))
     return groups
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) tensor (a view: writes reach the DTensor);
+    a plain tensor as it is."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def global_grad_norm(grads: Iterable[Optional[torch.Tensor]]) -> float:
+    """The 2-norm of the whole gradient over a mix of sharded (DTensor: this rank's shard,
+    squared sums all-reduced) and replicated tensors (identical on every rank after the
+    trainer's all-reduce: counted once).  A collective when a process group exists."""
+    grads = [g for g in grads if g is not None]
+    sharded = torch.zeros((), dtype=torch.float64)
+    plain = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        if is_sharded(g):
+            sharded += g.to_local().detach().double().pow(2).sum().cpu()
+        else:
+            plain += g.detach().double().pow(2).sum().cpu()
+    if torch.distributed.is_initialized():
+        dev = grads[0].device if grads and grads[0].device.type == "cuda" else torch.device("cpu")
+        sharded = sharded.to(dev)
+        torch.distributed.all_reduce(sharded)
+        sharded = sharded.cpu()
+    return float((sharded + plain).sqrt())
 
 
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> float:
     """torch's ``clip_grad_norm_`` (2-norm, coefficient max_norm / (norm + 1e-6) capped at
     1) over a mix of sharded (DTensor) and replicated gradients; returns the total norm."""
     params = [p for p in params if p.grad is not None]
-    sharded = torch.zeros((), dtype=torch.float64)
-    plain = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if is_sharded(p.grad):
-            sharded += p.grad.to_local().detach().double().pow(2).sum().cpu()
-        else:
-            plain += p.grad.detach().double().pow(2).sum().cpu()
-    if torch.distributed.is_initialized():
-        dev = params[0].grad.device if params and params[0].grad.device.type == "cuda" else torch.device("cpu")
-        sharded = sharded.to(dev)
-        torch.distributed.all_reduce(sharded)
-        sharded = sharded.cpu()
-    total = float((sharded + plain).sqrt())
+    total = global_grad_norm([p.grad for p in params])
     coef = min(1.0, max_norm / (total + 1e-6))
     if coef < 1.0:
         for p in params:
@@ -95,12 +143,48 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> float:
     return total
 
 
-def gather_full_state(model) -> Dict[str, torch.Tensor]:
-    """{name: full tensor} of ``model.state_dict()`` (a collective: every rank calls it)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        out[k] = v.full_tensor() if is_sharded(v) else v
-    return {k: v.detach().clone() for k, v in out.items()}
+def _state_dict_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # the frozen weights (LoRA's base, the frozen vision tower) are the input model's:
+    # a checkpoint holds what training changes, as the non-FSDP one does
+    return StateDictOptions(ignore_frozen_params=True, **kw)
+
+
+def save_sharded(model, optimizer, path: str) -> None:
+    """Write the trainable weights and the optimiser state with torch.distributed.checkpoint:
+    every rank writes its own shards into the folder ``path`` (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_dict_options())
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
+
+
+def load_sharded(model, optimizer, path: str) -> None:
+    """Load what :func:`save_sharded` wrote (the same sharding layout is not required:
+    DCP reshards) into ``model`` and ``optimizer`` in place (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_dict_options())
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_state_dict_options(strict=False))
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def full_state_on_rank0(model) -> Dict[str, torch.Tensor]:
+    """The full ``state_dict`` of a sharded model, gathered to rank 0's CPU memory only
+    (a collective: every rank calls it; the other ranks get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def unsharded_copy(template, state: Dict[str, torch.Tensor]):
@@ -117,8 +201,4 @@ def unsharded_copy(template, state: Dict[str, torch.Tensor]):
 
 def check_supported(method_name: str, cfg) -> Optional[str]:
     """Why FSDP mode cannot run this configuration (None when it can)."""
-    if method_name == "mmunlearner":
-        return "mmunlearner's Fisher saliency mask transforms whole gradients; it is not sharded yet (use DDP)"
-    if cfg.checkpoint_every:
-        return "checkpoint/resume is not implemented for FSDP mode yet (set checkpoint_every=0)"
     return None

@@ -266,7 +266,7 @@ class MMUnlearner(Method):
 
         if self.hp["mode"] not in ("mask", "geometry"):
             raise ValueError(f"mmunlearner: mode must be 'mask' or 'geometry', got {self.hp['mode']!r}")
-        named = trainer.named_params
+        named = _local_named(trainer)
         forget = self._fisher(trainer, "forget")
         pres_vision = self._fisher(trainer, "retain_vqa")
         pres_language = self._fisher(trainer, "preserve_language")
@@ -285,7 +285,7 @@ class MMUnlearner(Method):
         """Diagonal Fisher: the mean over batches of the squared CE gradient."""
         from unlearn_fast.saliency import FisherAccumulator
 
-        acc = FisherAccumulator(trainer.named_params, backend=self.ctx.backend)
+        acc = FisherAccumulator(_local_named(trainer), backend=self.ctx.backend)
         stream = self.data.stream(which)
         for i in range(min(int(self.hp["fisher_batches"]), stream.per_epoch)):
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -293,7 +293,8 @@ class MMUnlearner(Method):
                 loss = self.ctx.ce(stream(i))
             loss.backward()
             trainer._sync_grads()
-            acc.accumulate([p.grad if p.grad is not None else torch.zeros_like(p) for p in trainer.params])
+            acc.accumulate([_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p))
+                            for p in trainer.params])
         trainer.optimizer.zero_grad(set_to_none=True)
         return acc.mean()
 
@@ -307,9 +308,15 @@ class MMUnlearner(Method):
                 return {"loss": -ce_f, "forget_ce": ce_f}
 
             def masked(grads):
-                transform_gradients_(grads, self.mask, mode=self.hp["mode"],
+                max_norm = trainer.cfg.max_grad_norm
+                total_norm = None
+                if trainer.cfg.fsdp and max_norm:  # the clipping norm is over every rank's shard
+                    from unlearn_fast.methods.fsdp import global_grad_norm
+
+                    total_norm = global_grad_norm(grads)
+                transform_gradients_([_local(g) for g in grads], self.mask, mode=self.hp["mode"],
                                      preserve_fisher=self.preserve if self.hp["mode"] == "geometry" else None,
-                                     lam=float(self.hp["lam"]), max_norm=trainer.cfg.max_grad_norm,
+                                     lam=float(self.hp["lam"]), max_norm=max_norm, total_norm=total_norm,
                                      backend=self.ctx.backend)
 
             terms.update(trainer.update(forget_loss, grad_transform=masked))
@@ -321,6 +328,20 @@ class MMUnlearner(Method):
 
         terms.update(trainer.update(retain_loss))
         return terms
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from unlearn_fast.methods.fsdp import local
+
+    return local(t)
+
+
+def _local_named(trainer: Trainer):
+    """The trainable (name, parameter) pairs, each FSDP-sharded parameter as this rank's
+    shard: MMUnlearner's Fisher, mask and gradient transform are elementwise, so on the
+    shards they give exactly the slices of the single-process ones (names are kept, so
+    the vision / language patterns still select by module)."""
+    return [(n, _local(p)) for n, p in trainer.named_params]
 
 
 LM_METHODS = {cls.name: cls for cls in (SIU, MMUnlearner, GA, GAKL, GradDiff, KLMin, NPO, PO)}

@@ -12,7 +12,7 @@ import copy
 import functools
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -38,10 +38,36 @@ def method_defaults(name: str) -> Dict[str, object]:
 
 @dataclass
 class RunResult:
-    model: torch.nn.Module          # the unlearned model (LoRA merged into a plain copy)
+    model: torch.nn.Module          # the unlearned model (LoRA merged into a plain copy; FSDP: see ``sharded``)
     history: List[Dict[str, float]]
     resumed_from: int               # the step a checkpoint resumed from (0: fresh)
     hp: Dict[str, object]
+    # FSDP: ``model`` is the trained model itself, still sharded (and with LoRA unmerged):
+    # evaluate it on every rank (the metrics shard the examples in lockstep) and save it
+    # with save_unlearned_model; ``plain`` builds an empty unsharded copy of its architecture
+    sharded: bool = False
+    plain: Optional[Callable[[], torch.nn.Module]] = None
+
+
+def save_unlearned_model(res: RunResult, path: str, tokenizer=None) -> None:
+    """``save_pretrained`` the unlearned model (LoRA merged) to ``path`` on rank 0.  Under
+    FSDP a collective (every rank calls it): the full weights are gathered to rank 0's
+    CPU memory only, never to every rank."""
+    from unlearn_fast.methods.trainer import dist_info
+
+    rank = dist_info()[0]
+    model = res.model
+    if res.sharded:
+        from unlearn_fast.methods import fsdp as fsdp_mod
+
+        state = fsdp_mod.full_state_on_rank0(res.model)
+        if rank == 0:
+            model = merged_copy(fsdp_mod.unsharded_copy(res.plain(), state))
+    if rank != 0:
+        return
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
 
 
 def _train_config(hp, *, progress: bool, mixed_precision: str, seed: int, checkpoint_every: int,
@@ -108,11 +134,13 @@ def run_lm_method(name: str, base_model, tokenizer, task, concept: str, *, backe
     log_path = os.path.join(out_dir, "log.jsonl") if out_dir else None
     trim_log(log_path, resumed)
     history = trainer.train(method.train_step, log_path=log_path)
-    if fsdp:  # a plain model with the gathered weights, for evaluation and saving
-        template = base_model
-        if int(hp["lora"]):
-            template = apply_lora(copy.deepcopy(base_model), r=int(hp["lora"]), where=str(hp["lora_where"]))
-        model = fsdp_mod.unsharded_copy(template, fsdp_mod.gather_full_state(model))
+    if fsdp:  # no gather: the sharded model is evaluated as it is (see RunResult)
+        def plain():
+            if int(hp["lora"]):
+                return apply_lora(copy.deepcopy(base_model), r=int(hp["lora"]), where=str(hp["lora_where"]))
+            return base_model
+
+        return RunResult(model.eval(), history, resumed, hp, sharded=True, plain=plain)
     return RunResult(merged_copy(model).eval(), history, resumed, hp)
 
 

@@ -6,7 +6,8 @@ total, <term>: value, ...}`` accumulated over ``grad_accum`` micro-batches.  The
 does the rest: seeding, AdamW over the trainable parameters, warmup + constant / linear /
 cosine schedule, gradient accumulation, bf16 autocast, clipping (or a method's own
 gradient transform), DDP gradient averaging, checkpoint/resume (safetensors for the
-weights, ``torch.load(weights_only=True)`` for the optimiser), a tqdm progress bar and a
+weights, ``torch.load(weights_only=True)`` for the optimiser; torch.distributed.checkpoint
+shards under FSDP), a tqdm progress bar and a
 JSONL log with every loss term of every step.
 
 Batches are a pure function of the step index (see ``BatchStream``), so a resumed run
@@ -56,8 +57,6 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
             raise ValueError(f"grad_accum must be a positive integer, got {self.grad_accum!r}")
-        if self.fsdp and self.checkpoint_every:
-            raise ValueError("checkpoint/resume is not implemented for FSDP mode yet (set checkpoint_every=0)")
         return self
 
 
@@ -97,7 +96,13 @@ class BatchStream:
             order = np.arange(len(self.rows))
         idx = order[j * self.batch_size:(j + 1) * self.batch_size].tolist()
         rank, world = dist_info()
-        return idx[rank::world] if world > 1 else idx
+        if world == 1:
+            return idx
+        # image rows first (stable): every rank's share holds an image whenever the global
+        # batch has >= world of them, so under FSDP the vision encoder (a collective) runs
+        # on every rank or on none; fewer images than ranks still mismatch (see fsdp.py)
+        idx = sorted(idx, key=lambda k: getattr(self.rows[k], "image", None) is None)
+        return idx[rank::world]
 
     def __call__(self, i: int) -> dict:
         key = int(i) % (self.per_epoch * (1 << 20))
@@ -253,50 +258,93 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Trainable weights, optimiser, schedule, step, history and RNG state, written
-        to a temporary folder and renamed into place (never half-written)."""
+        to a temporary folder and renamed into place by rank 0 (never half-written: an
+        interrupted save leaves the previous checkpoint).  Plain / DDP: rank 0 writes
+        safetensors + torch.save.  FSDP: every rank writes its shards of the weights and
+        optimiser state with torch.distributed.checkpoint (the folder must be on a file
+        system every rank sees); the small trainer state is rank 0's, as under DDP."""
         from safetensors.torch import save_file
 
         d = self.checkpoint_dir()
-        if d is None or dist_info()[0] != 0:
+        rank = dist_info()[0]
+        if d is None or (rank != 0 and not self.cfg.fsdp):
             return
+        from unlearn_fast.methods.fsdp import barrier, save_sharded
+
         tmp = d + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file({n: p.detach().contiguous().cpu() for n, p in self.named_params},
-                  os.path.join(tmp, "trainable.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "optimizer.pt"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": self.step, "config": asdict(self.cfg), "history": self.history}, f)
-        old = d + ".old"
-        if os.path.exists(d):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        small = {"scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.cfg.fsdp:
+            barrier()  # tmp exists before anyone writes into it
+            save_sharded(self.model, self.optimizer, os.path.join(tmp, "sharded"))
+        else:
+            save_file({n: p.detach().contiguous().cpu() for n, p in self.named_params},
+                      os.path.join(tmp, "trainable.safetensors"))
+            small["optimizer"] = self.optimizer.state_dict()
+        if rank == 0:
+            torch.save(small, os.path.join(tmp, "optimizer.pt"))
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump({"step": self.step, "config": asdict(self.cfg), "history": self.history}, f)
+        if self.cfg.fsdp:
+            barrier()  # every shard is written
+        if rank == 0:
+            old = d + ".old"
+            if os.path.exists(d):
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(d, old)
+            os.replace(tmp, d)
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(d, old)
-        os.replace(tmp, d)
-        shutil.rmtree(old, ignore_errors=True)
+        if self.cfg.fsdp:
+            barrier()  # no rank runs ahead (e.g. to a resume) before the rename
+
+    def _complete_checkpoint(self) -> Optional[str]:
+        """The checkpoint folder to resume from: ``checkpoint``, or ``checkpoint.old`` when
+        a save was interrupted between its two renames."""
+        d = self.checkpoint_dir()
+        if d is None:
+            return None
+        for cand in (d, d + ".old"):
+            if os.path.exists(os.path.join(cand, "state.json")):
+                return cand
+        return None
 
     def try_resume(self) -> bool:
-        """Load the checkpoint in out_dir if there is one; True if it did."""
+        """Load the checkpoint in out_dir if there is one; True if it did (under FSDP a
+        collective: every rank calls it)."""
         from safetensors.torch import load_file
 
-        d = self.checkpoint_dir()
-        if d is None or not os.path.exists(os.path.join(d, "state.json")):
-            return False
+        d = self._complete_checkpoint()
         if self.cfg.fsdp:
-            raise ValueError(f"{d} holds a checkpoint, but FSDP mode cannot resume yet; use a fresh --out folder")
+            from unlearn_fast.methods.fsdp import barrier
+
+            barrier()  # every rank sees the same folder (rank 0 may have just renamed it)
+        if d is None:
+            return False
         with open(os.path.join(d, "state.json")) as f:
             state = json.load(f)
-        weights = load_file(os.path.join(d, "trainable.safetensors"))
-        names = [n for n, _ in self.named_params]
-        if set(weights) != set(names):
-            raise ValueError(f"the checkpoint in {d} does not match this model's trainable parameters "
-                             f"(missing {sorted(set(names) - set(weights))[:3]}, "
-                             f"unexpected {sorted(set(weights) - set(names))[:3]}); use a fresh --out folder")
-        with torch.no_grad():
-            for n, p in self.named_params:
-                p.copy_(weights[n].to(p.device, p.dtype))
+        sharded = os.path.isdir(os.path.join(d, "sharded"))
+        if sharded != self.cfg.fsdp:
+            kind = "an FSDP (sharded)" if sharded else "a non-FSDP"
+            raise ValueError(f"{d} holds {kind} checkpoint; resume it with{'' if sharded else 'out'} --fsdp, or use "
+                             f"a fresh --out folder")
         opt = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
-        self.optimizer.load_state_dict(opt["optimizer"])
+        if sharded:
+            from unlearn_fast.methods.fsdp import load_sharded
+
+            load_sharded(self.model, self.optimizer, os.path.join(d, "sharded"))
+        else:
+            weights = load_file(os.path.join(d, "trainable.safetensors"))
+            names = [n for n, _ in self.named_params]
+            if set(weights) != set(names):
+                raise ValueError(f"the checkpoint in {d} does not match this model's trainable parameters "
+                                 f"(missing {sorted(set(names) - set(weights))[:3]}, "
+                                 f"unexpected {sorted(set(weights) - set(names))[:3]}); use a fresh --out folder")
+            with torch.no_grad():
+                for n, p in self.named_params:
+                    p.copy_(weights[n].to(p.device, p.dtype))
+            self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         torch.set_rng_state(opt["torch_rng"])
         self.step = int(state["step"])

@@ -19,7 +19,7 @@ import torch
 
 from unlearn_fast.metrics._model import (eval_mode, example_length, forward_inputs, length_sorted_batches, progress,
                                          to_model)
-from unlearn_fast.metrics.distributed import sharded_map
+from unlearn_fast.metrics.distributed import is_sharded_model, sharded_map, world
 
 
 def _eos_list(eos_token_id) -> List[int]:
@@ -73,6 +73,10 @@ def generate_greedy(model, adapter, batch: dict, *, max_new_tokens: int = 32, eo
     prompt_len = inputs["input_ids"].shape[1]
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_token_id,
                   eos_token_id=eos or None, use_cache=True, temperature=None, top_p=None, top_k=None)
+    if world()[1] > 1 and is_sharded_model(model):
+        # FSDP: every rank decodes until every rank's rows are done (finished ranks keep
+        # calling forward, results unused): the forwards are collectives
+        kwargs["synced_gpus"] = True
     if stop_strings:
         from transformers import StoppingCriteriaList
 
