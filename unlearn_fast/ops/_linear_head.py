@@ -34,9 +34,10 @@ def default_chunk_size(vocab_size: int, buffers: int, num_tokens: Optional[int] 
     1. The largest multiple of 8 whose ``buffers`` float32 (chunk, V) logits buffers fit in
        ``CHUNK_BYTES`` (the budget keeps them a small fraction of what eager code allocates),
     2. but at least ``MIN_CHUNK_ROWS``: every chunk's GEMMs stream the whole (V, H) weight,
-       and BLAS runs far below its peak on few rows (measured on the CPU: a
-       (216, 3584) x (3584, 151936) product at ~0.9x the rate of a 256-row one, 40 rows at
-       ~0.45x), so small chunks cost time that eager's single GEMM does not pay;
+       and BLAS runs below its peak on few rows, so small chunks cost time that eager's
+       single GEMM does not pay (measured on the 2-core CPU with the vocabulary-slab GEMMs
+       of csrc/linear_chunk.h, H = 3584, V = 151,936: 128 rows at ~0.93x and 64 rows at
+       ~0.83x the rate of 256; the plain row-major product: 64 rows at ~0.5x);
     3. with ``num_tokens`` given, as many equal chunks as fit whole (sizes rounded up to a
        multiple of 8, between that size and twice it, never more than num_tokens), so no
        chunk is a thin GEMM; the buffers may then take up to twice the budget.
