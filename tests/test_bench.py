@@ -327,3 +327,17 @@ def test_gpu_suite_script_matches_the_cli():
     profile = re.search(r"unlearn_fast profile (.*?)\\\n(.*?)>", text, re.S)
     argv = (profile.group(1) + profile.group(2)).replace('"$out/profile"', "x").split()
     parser.parse_args(["profile", *argv])
+
+
+def test_e2e_method_selection(tmp_path):
+    import json
+
+    from unlearn_fast import cli
+
+    assert cli.main(["bench", "e2e", "--quick", "--e2e-methods", "npo", "--backends", "cpp", "--no-plot",
+                     "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["op"] for r in rows if r["metric"] == "time_median_s"} == {"e2e_npo"}
+    assert {r["provider"] for r in rows if r["metric"] == "time_median_s"} == {"eager", "cpp"}
+    with pytest.raises(ValueError, match="--e2e-methods"):
+        cli.main(["bench", "e2e", "--quick", "--e2e-methods", "nope", "--no-plot"])

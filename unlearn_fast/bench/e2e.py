@@ -32,6 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--e2e-heads", default="llava,qwen2vl",
                         help="comma-separated head shapes for the e2e suite: llava (H=4096, V=32000), "
                              "qwen2vl (H=3584, V=151936)")
+    parser.add_argument("--e2e-methods", default=",".join(METHODS),
+                        help=f"comma-separated methods for the e2e suite (default {','.join(METHODS)})")
 
 
 def auto_provider(op, shape, dtype, device):
@@ -109,6 +111,9 @@ def run(args, recorder) -> None:
         if unknown:
             raise ValueError(f"--e2e-heads: unknown {unknown}; choose from {sorted(HEADS)}")
         shapes = [HEADS[n] for n in names]
+    methods = [m for m in getattr(args, "e2e_methods", ",".join(METHODS)).split(",") if m]
+    if [m for m in methods if m not in METHODS]:
+        raise ValueError(f"--e2e-methods: unknown {[m for m in methods if m not in METHODS]}; choose from {METHODS}")
     reps = 3
     threads = torch.get_num_threads()  # bench --threads (one with --quick on the CPU)
     task = load_builtin_task()
@@ -124,7 +129,7 @@ def run(args, recorder) -> None:
                                                                 vocab_size=sh["V"])).to(device).eval()
         dims = dict(V=sh["V"], H=sh["H"], B=sh["B"], **({"lora": sh["lora"]} if sh["lora"] else {}))
         shape = shape_str(**dims, threads=threads) if device == "cpu" else shape_str(**dims)
-        for name in METHODS:
+        for name in methods:
             eager_med = eager_peak = None
             for provider in providers:
                 try:
