@@ -224,16 +224,19 @@ def _loss_fn(op: str, provider: str, compiled: Dict) -> Callable:
 
 
 def _gemm_rate(dtype, device, hdim, vocab, rows: int = 512) -> float:
-    """FLOP/s of one (rows, H) @ (H, V) head GEMM in ``dtype`` (best of 3)."""
+    """FLOP/s of one (rows, H) x (H, V) head GEMM in ``dtype``: the better of the two
+    orientations (hidden @ W^T and W @ hidden^T; the CPU chunk loops use the second, by
+    vocabulary slabs, csrc/linear_chunk.h), best of 3 each."""
     a = torch.randn(rows, hdim, device=device).to(dtype)
     b = torch.randn(vocab, hdim, device=device).to(dtype)
     best = float("inf")
-    for _ in range(3):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ b.t()
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
+    for product in (lambda: a @ b.t(), lambda: b @ a.t()):
+        for _ in range(3):
+            synchronize(device)
+            t0 = time.perf_counter()
+            product()
+            synchronize(device)
+            best = min(best, time.perf_counter() - t0)
     return 2 * rows * hdim * vocab / best
 
 
