@@ -1,7 +1,8 @@
 """MMUnlearner under FSDP (methods/fsdp.py): the Fisher, the saliency mask and the masked
 gradient transform run on each rank's parameter shards, the clipping norm is global; a
 2-process gloo run equals one ordinary process (losses and final weights), in the mask
-and the geometry mode."""
+and the geometry mode, and with a top-fraction mask (the distributed radix top-k over the
+ranks' shards)."""
 import pytest
 import torch
 
@@ -9,7 +10,8 @@ pytestmark = pytest.mark.distributed
 
 # forget_every=2: ascent (masked, clipped) steps at 0 and 2, a retain step every step
 OVERRIDES = {"steps": 3, "batch_size": 4, "lr": 1e-2, "forget_every": 2, "fisher_batches": 2}
-MODES = ("mask", "geometry")
+MODES = {"mask": {"mode": "mask"}, "geometry": {"mode": "geometry"},
+         "topk": {"mode": "mask", "mask_fraction": 0.05}}
 
 
 def _train(fsdp: bool, mode: str):
@@ -19,7 +21,7 @@ def _train(fsdp: bool, mode: str):
 
     task, tok = task_and_tokenizer()
     res = run_lm_method("mmunlearner", tiny_llava(), tok, task, "seven", fsdp=fsdp, progress=False,
-                        overrides={**OVERRIDES, "mode": mode})
+                        overrides={**OVERRIDES, **MODES[mode]})
     state = full_state_on_rank0(res.model) if res.sharded else res.model.state_dict()  # rank 0 only
     return {"state": {k: v.detach().clone() for k, v in state.items()},
             "losses": [h.get(k, float("nan")) for h in res.history for k in ("forget_ce", "retain_ce", "grad_norm")]}
@@ -60,7 +62,11 @@ def test_fsdp_mmunlearner_two_gloo_processes_equal_one(tmp_path):
             for name, w in single["state"].items():
                 if name.endswith("k_proj.bias"):
                     continue  # zero gradient in exact arithmetic: AdamW amplifies rounding noise (test_fsdp_run)
-                torch.testing.assert_close(got[mode]["state"][name], w, rtol=1e-5, atol=1e-6,
+                # topk: with 95% of the weights masked, AdamW's per-element normalisation turns
+                # reduction-order rounding of near-zero gradients into ~6e-6 differences; a
+                # mask difference would move a weight by ~lr = 1e-2
+                torch.testing.assert_close(got[mode]["state"][name], w, rtol=1e-5,
+                                           atol=5e-5 if mode == "topk" else 1e-6,
                                            msg=lambda m: f"{mode} {name}: {m}")
             assert sum(int(not torch.equal(base[n], w)) for n, w in single["state"].items()) > 0  # it trained
     finally:

@@ -197,6 +197,21 @@ def test_mmunlearner_mask_and_masked_ascent():
     assert moved_outside == 0 and moved_inside > 0
 
 
+def test_mmunlearner_mask_fraction():
+    task, tok = task_and_tokenizer()
+    method, model, ctx, hp = build_lm_method("mmunlearner", tiny_llava(), tok, task, CONCEPT,
+                                             overrides={"batch_size": 4, "fisher_batches": 2, "mask_fraction": 0.1})
+    trainer = Trainer(model, TrainConfig(steps=1, progress=False))
+    method.prepare(trainer)
+    total = sum(p.numel() for p in trainer.params)
+    assert method.mask.count() == round(0.1 * total) and method.mask.meta["kind"] == "mmunlearner"
+    for bad in (0.0, 1.5):
+        method, model, ctx, hp = build_lm_method("mmunlearner", tiny_llava(), tok, task, CONCEPT,
+                                                 overrides={"batch_size": 4, "fisher_batches": 1, "mask_fraction": bad})
+        with pytest.raises(ValueError, match="mask_fraction must be in"):
+            method.prepare(Trainer(model, TrainConfig(steps=1, progress=False)))
+
+
 def test_mmunlearner_geometry_runs():
     task, tok = task_and_tokenizer()
     res = run_lm_method("mmunlearner", tiny_llava(), tok, task, CONCEPT, progress=False,

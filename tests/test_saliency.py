@@ -494,6 +494,13 @@ def test_mmunlearner_mask_uses_the_module_preserve_fisher(backend):
         S.mmunlearner_mask(model, ff, fv, fl, is_vision="vision", modules="mlp")
     with pytest.raises(ValueError, match="no entry for"):
         S.mmunlearner_mask(model, {"x": ff[0]}, fv, fl, is_vision="vision")
+    # fraction=: the top fraction of the ratios (F_f + eps) / (F_p + eps) over every weight
+    top = S.mmunlearner_mask(model, ff, fv, fl, is_vision="vision_tower|projector", fraction=0.3, backend=backend)
+    ratios = torch.cat([((f + 1e-15) / (p + 1e-15)).reshape(-1) for f, p in zip(ff, [fv[0], fl[1]])])
+    k = round(0.3 * ratios.numel())
+    assert top.count() == k
+    kept = torch.cat([d.reshape(-1) for d in top.to_dense()])
+    assert kept[ratios.topk(k).indices].all()  # random ratios: no ties
 
 
 # --------------------------------------------------------------------------------------

@@ -972,11 +972,22 @@ def mmunlearner_preserve_fisher(named_params, preserve_fisher_vision, preserve_f
 
 def mmunlearner_mask(named_params, forget_fisher, preserve_fisher_vision, preserve_fisher_language,
                      is_vision: Union[Callable[[str], bool], Patterns], threshold: float = 1.0, eps: float = 1e-15, *,
-                     modules: Optional[Patterns] = None, backend: str = "auto") -> BitMask:
+                     modules: Optional[Patterns] = None, fraction: Optional[float] = None,
+                     distributed: bool = False, replicated: Optional[Sequence[bool]] = None, group=None,
+                     backend: str = "auto") -> BitMask:
     """MMUnlearner's saliency mask over the trainable parameters.
 
     m = 1[(F_f + eps) / (F_p + eps) >= threshold] with F_p the retain-VQA Fisher for vision
-    parameters and the retain VQA + text QA Fisher for language parameters.
+    parameters and the retain VQA + text QA Fisher for language parameters.  With
+    ``fraction`` the mask keeps instead the ``fraction`` of all trainable weights with the
+    largest ratio (SalUn-style sparsity; ``topk_mask``'s exact count and tie rule; the
+    ratios take one float32 copy of the trainable weights' size).  ``distributed=True``:
+    each rank passes its shard of the parameters (FSDP; ``replicated[i]`` marks a parameter
+    every rank holds whole, counted once) and the k-th largest ratio is selected over all
+    ranks with ``topk_mask_distributed`` (``group``: the process group); every rank then
+    keeps its weights with a ratio >= that value, so all weights tied with it are kept
+    (more than k only when the k-th ratio is tied) and replicated parameters get the same
+    mask on every rank.
 
     Args:
         named_params: a module or (name, parameter) pairs; only trainable parameters
@@ -995,7 +1006,24 @@ def mmunlearner_mask(named_params, forget_fisher, preserve_fisher_vision, preser
     ff = _aligned_fisher(forget_fisher, names, "forget_fisher")
     _check_aligned(params, ff, "named_params", "forget_fisher", names)
     preserve = [a if v else b for v, a, b in zip(vision, fv, fl)]
-    mask = ratio_mask(ff, preserve, threshold, eps, names=names, backend=backend)
+    if fraction is None:
+        mask = ratio_mask(ff, preserve, threshold, eps, names=names, backend=backend)
+    else:
+        ratios = [(f.float() + eps) / (p.float() + eps) for f, p in zip(ff, preserve)]
+        if distributed:
+            import torch.distributed as dist
+
+            first = dist.get_rank(group) == 0
+            replicated = list(replicated) if replicated is not None else [False] * len(ratios)
+            if len(replicated) != len(ratios):
+                raise ValueError(f"replicated has {len(replicated)} entries for {len(ratios)} trainable parameters")
+            counted = [r if first or not rep else r.new_empty(0) for r, rep in zip(ratios, replicated)]
+            kth = topk_mask_distributed(counted, fraction, group=group, backend=backend).meta
+            mask = BitMask.from_dense([r >= kth["threshold"] for r in ratios], names=names)
+            mask.meta.update({k: kth[k] for k in ("fraction", "k", "total", "threshold", "world_size")})
+        else:
+            mask = topk_mask(ratios, fraction, names=names, backend=backend)
+        del ratios
     if modules is not None:
         pats = _compile(modules, "modules")
         _require_matches(pats, trainable, every, "modules", True)

@@ -258,8 +258,10 @@ class MMUnlearner(Method):
     name = "mmunlearner"
     # forget_every="ratio": k = |D_r| / |D_f| as in the paper (about 10 on the built-in task,
     # so 150 steps hold 15 ascent steps)
+    # mask_fraction: keep the top fraction of weights by Fisher ratio instead of thresholding
+    # (across every rank's shard under FSDP: the distributed radix top-k)
     DEFAULTS = dict(lr=3e-4, steps=150, mode="mask", threshold=1.0, eps=1e-15, lam=1.0, forget_every="ratio",
-                    fisher_batches=8, retain_weight=1.0)
+                    fisher_batches=8, retain_weight=1.0, mask_fraction=None)
 
     def prepare(self, trainer):
         from unlearn_fast.saliency import mmunlearner_mask, mmunlearner_preserve_fisher
@@ -271,8 +273,13 @@ class MMUnlearner(Method):
         pres_vision = self._fisher(trainer, "retain_vqa")
         pres_language = self._fisher(trainer, "preserve_language")
         is_vision = self.ctx.adapter.is_vision_parameter
+        fraction = self.hp["mask_fraction"]
+        if fraction is not None and not 0.0 < float(fraction) <= 1.0:
+            raise ValueError(f"mmunlearner: mask_fraction must be in (0, 1], got {fraction!r}")
         self.mask = mmunlearner_mask(named, forget, pres_vision, pres_language, is_vision,
                                      threshold=float(self.hp["threshold"]), eps=float(self.hp["eps"]),
+                                     fraction=None if fraction is None else float(fraction),
+                                     distributed=bool(trainer.cfg.fsdp), replicated=_replicated(trainer),
                                      backend=self.ctx.backend)
         self.preserve = mmunlearner_preserve_fisher(named, pres_vision, pres_language, is_vision)
         every = self.hp["forget_every"]
@@ -334,6 +341,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     from unlearn_fast.methods.fsdp import local
 
     return local(t)
+
+
+def _replicated(trainer: Trainer) -> List[bool]:
+    """Per trainable parameter: held whole by every rank (not FSDP-sharded, e.g. the lm_head)."""
+    from unlearn_fast.methods.fsdp import is_sharded
+
+    return [not is_sharded(p) for _, p in trainer.named_params]
 
 
 def _local_named(trainer: Trainer):
