@@ -15,7 +15,9 @@ mmunlearner; MultiDelete is not sharded).
 * MMUnlearner: the Fisher, the saliency mask and the masked / geometry gradient transform
   are elementwise, so they run on each rank's parameter shards (:func:`local`) and give
   exactly the slices of the single-process ones; the clipping norm is global
-  (:func:`global_grad_norm`, passed to ``saliency.transform_gradients_(total_norm=)``).
+  (:func:`global_grad_norm`, passed to ``saliency.transform_gradients_(total_norm=)``);
+  a top-fraction mask (``mask_fraction``) selects its k-th ratio over every rank's shard
+  with ``saliency.topk_mask_distributed`` (the replicated lm_head counted once).
   The mask lives sharded in memory (it is not written to disk).
 * Checkpoint/resume: the trainer writes the trainable weights and the optimiser state
   with torch.distributed.checkpoint (:func:`save_sharded` / :func:`load_sharded`: every
