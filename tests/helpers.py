@@ -1,4 +1,6 @@
 """Shared test helpers (import as ``from helpers import ...``; tests/ is on sys.path)."""
+import contextlib
+
 import torch
 
 
@@ -11,34 +13,64 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return diff if denom == 0 else diff / denom
 
 
-def cpu_backends_for(op: str):
-    """Fast backends that can run ``op`` on CPU tensors here (cpp; triton under the interpreter)."""
+def _backends_for(op: str, names, device: str):
     from unlearn_fast import backends
     import unlearn_fast.ops.registry_all  # noqa: F401
 
     out = []
-    for name in ("cpp", "triton"):
+    for name in names:
         try:
-            backends.resolve(op, name, "cpu")
+            backends.resolve(op, name, device)
             out.append(name)
         except Exception:
             pass
     return out
+
+
+def cpu_backends_for(op: str):
+    """Fast backends that can run ``op`` on CPU tensors here (cpp; triton under the interpreter)."""
+    return _backends_for(op, ("cpp", "triton"), "cpu")
 
 
 def gpu_backends_for(op: str):
     """Fast backends that can run ``op`` on CUDA tensors here (cuda, triton)."""
-    from unlearn_fast import backends
-    import unlearn_fast.ops.registry_all  # noqa: F401
+    return _backends_for(op, ("cuda", "triton"), "cuda")
 
-    out = []
-    for name in ("cuda", "triton"):
-        try:
-            backends.resolve(op, name, "cuda")
-            out.append(name)
-        except Exception:
-            pass
-    return out
+
+def run_on_gloo_ranks(fn, tmp_path, *args, world: int = 2, weights_only: bool = True):
+    """Run ``fn(rank, *args)`` in ``world`` spawned processes forming one gloo process group
+    (one intra-op thread each: compare with a single-process run under ``one_thread()``)
+    and return what rank 0's call returned.  ``fn`` must be a module-level function."""
+    import torch.multiprocessing as mp
+
+    out_path = str(tmp_path / "rank0_result.pt")
+    mp.spawn(_gloo_rank, args=(world, str(tmp_path / "gloo_store"), out_path, fn, args), nprocs=world, join=True)
+    return torch.load(out_path, weights_only=weights_only)
+
+
+def _gloo_rank(rank, world, store, out_path, fn, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        result = fn(rank, *args)
+        if rank == 0:
+            torch.save(result, out_path)
+        dist.barrier()  # no rank tears the group down while another still communicates
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread, as the ``run_on_gloo_ranks`` workers have (same float sums)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def compile_triton_for_gpu(script: str, tmp_path) -> str:

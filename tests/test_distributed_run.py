@@ -4,6 +4,8 @@ global batch and the gradients are averaged, so the weights and losses agree."""
 import pytest
 import torch
 
+from helpers import one_thread, run_on_gloo_ranks
+
 pytestmark = pytest.mark.distributed
 
 KW = dict(overrides={"steps": 3, "batch_size": 4, "lora": 2, "lr": 1e-2}, progress=False)
@@ -19,36 +21,14 @@ def _train():
             "losses": [h[k] for h in res.history for k in ("ce", "dmk", "loss")]}
 
 
-def _worker(rank, world, store, out_path, tests_dir):
-    import sys
-
-    import torch.distributed as dist
-
-    sys.path.insert(0, tests_dir)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        res = _train()
-        if rank == 0:
-            torch.save(res, out_path)
-    finally:
-        dist.destroy_process_group()
+def _on_rank(rank):
+    return _train()
 
 
 def test_two_gloo_processes_equal_one(tmp_path):
-    import os
-
-    import torch.multiprocessing as mp
-
-    out_path = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out_path, os.path.dirname(__file__)), nprocs=2, join=True)
-    ddp = torch.load(out_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers
-    try:
+    ddp = run_on_gloo_ranks(_on_rank, tmp_path)
+    with one_thread():  # as the workers
         single = _train()
-    finally:
-        torch.set_num_threads(threads)
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-7)
     for name, w in single["state"].items():
         torch.testing.assert_close(ddp["state"][name], w, rtol=1e-5, atol=1e-6, msg=name)

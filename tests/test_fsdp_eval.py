@@ -4,6 +4,8 @@ across ranks); the 2-process results equal one process on the same weights."""
 import pytest
 import torch
 
+from helpers import one_thread, run_on_gloo_ranks
+
 pytestmark = pytest.mark.distributed
 
 EVAL_KW = dict(max_examples=5, max_new_tokens=5, batch_size=2, progress_bar=False)
@@ -29,29 +31,15 @@ def _frequent_ids():
     return tuple(torch.load(_frequent_ids.path)) if hasattr(_frequent_ids, "path") else ()
 
 
-def _worker(rank, world, store, out_path, tests_dir, ids_path):
-    import sys
+def _on_rank(rank, ids_path):
+    from tiny_models import tiny_llava
+    from unlearn_fast.methods import fsdp
+    from unlearn_fast.models import get_adapter
 
-    import torch.distributed as dist
-
-    sys.path.insert(0, tests_dir)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        from tiny_models import tiny_llava
-        from unlearn_fast.methods import fsdp
-        from unlearn_fast.models import get_adapter
-
-        _frequent_ids.path = ids_path
-        model = tiny_llava()
-        fsdp.shard_model(model, get_adapter(model))
-        res = _evaluate(model, tiny_llava(seed=1))
-        if rank == 0:
-            torch.save(res, out_path)
-        del model
-        dist.barrier()  # no rank tears the group down while the other still communicates
-    finally:
-        dist.destroy_process_group()
+    _frequent_ids.path = ids_path
+    model = tiny_llava()
+    fsdp.shard_model(model, get_adapter(model))
+    return _evaluate(model, tiny_llava(seed=1))
 
 
 def _common_token_ids():
@@ -72,25 +60,15 @@ def _common_token_ids():
 
 def test_fsdp_sharded_evaluation_equals_one_process(tmp_path):
     import math
-    import os
-
-    import torch.multiprocessing as mp
 
     from tiny_models import tiny_llava
 
     ids_path = str(tmp_path / "ids.pt")
     torch.save(_common_token_ids(), ids_path)
     _frequent_ids.path = ids_path
-    out_path = str(tmp_path / "eval.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out_path, os.path.dirname(__file__), ids_path), nprocs=2,
-             join=True)
-    got_row, got_answers = torch.load(out_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers
-    try:
+    got_row, got_answers = run_on_gloo_ranks(_on_rank, tmp_path, ids_path)
+    with one_thread():  # as the workers
         row, answers = _evaluate(tiny_llava(), tiny_llava(seed=1))
-    finally:
-        torch.set_num_threads(threads)
     del _frequent_ids.path
     assert answers == got_answers
     lengths = {len(a) for per_eos in answers.values() for a in per_eos}

@@ -6,6 +6,8 @@ ranks' shards)."""
 import pytest
 import torch
 
+from helpers import one_thread, run_on_gloo_ranks
+
 pytestmark = pytest.mark.distributed
 
 # forget_every=2: ascent (masked, clipped) steps at 0 and 2, a retain step every step
@@ -27,34 +29,14 @@ def _train(fsdp: bool, mode: str):
             "losses": [h.get(k, float("nan")) for h in res.history for k in ("forget_ce", "retain_ce", "grad_norm")]}
 
 
-def _worker(rank, world, store, out_path, tests_dir):
-    import sys
-
-    import torch.distributed as dist
-
-    sys.path.insert(0, tests_dir)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        res = {mode: _train(True, mode) for mode in MODES}
-        if rank == 0:
-            torch.save(res, out_path)
-    finally:
-        dist.destroy_process_group()
+def _on_rank(rank):
+    return {mode: _train(True, mode) for mode in MODES}
 
 
 def test_fsdp_mmunlearner_two_gloo_processes_equal_one(tmp_path):
-    import os
-
-    import torch.multiprocessing as mp
-
-    out_path = str(tmp_path / "fsdp.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out_path, os.path.dirname(__file__)), nprocs=2, join=True)
-    got = torch.load(out_path)
+    got = run_on_gloo_ranks(_on_rank, tmp_path)
     base = __import__("tiny_models").tiny_llava().state_dict()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers
-    try:
+    with one_thread():  # as the workers
         for mode in MODES:
             single = _train(False, mode)
             assert got[mode]["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-7, nan_ok=True), mode
@@ -69,8 +51,6 @@ def test_fsdp_mmunlearner_two_gloo_processes_equal_one(tmp_path):
                                            atol=5e-5 if mode == "topk" else 1e-6,
                                            msg=lambda m: f"{mode} {name}: {m}")
             assert sum(int(not torch.equal(base[n], w)) for n, w in single["state"].items()) > 0  # it trained
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_transform_total_norm_clips_shards_like_the_whole():

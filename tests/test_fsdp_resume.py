@@ -6,6 +6,8 @@ checkpoint."""
 import pytest
 import torch
 
+from helpers import run_on_gloo_ranks
+
 pytestmark = pytest.mark.distributed
 
 # a cosine schedule and AdamW: the resumed run needs the scheduler and optimiser state
@@ -30,50 +32,33 @@ def _run(out_dir, checkpoint_every=0):
             "resumed_from": res.resumed_from}
 
 
-def _worker(rank, world, store, out_path, tests_dir, run_dir):
+def _on_rank(rank, run_dir):
     import os
-    import sys
 
-    import torch.distributed as dist
+    from unlearn_fast.methods.trainer import Trainer
 
-    sys.path.insert(0, tests_dir)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    original_save = Trainer.save_checkpoint
+
+    def save_then_die(self):  # "killed" right after the step-2 checkpoint is in place
+        original_save(self)
+        raise Interrupted(self.step)
+
+    Trainer.save_checkpoint = save_then_die
     try:
-        from unlearn_fast.methods.trainer import Trainer
-
-        original_save = Trainer.save_checkpoint
-
-        def save_then_die(self):  # "killed" right after the step-2 checkpoint is in place
-            original_save(self)
-            raise Interrupted(self.step)
-
-        Trainer.save_checkpoint = save_then_die
-        try:
-            _run(run_dir, checkpoint_every=2)
-            raise AssertionError("the run was not interrupted")
-        except Interrupted as stop:
-            at = stop.args[0]
-        finally:
-            Trainer.save_checkpoint = original_save
-        files = sorted(os.listdir(os.path.join(run_dir, "checkpoint", "sharded")))
-        resumed = _run(run_dir, checkpoint_every=2)
-        straight = _run(None)
-        if rank == 0:
-            torch.save({"interrupted_at": at, "files": files, "resumed": resumed, "straight": straight}, out_path)
+        _run(run_dir, checkpoint_every=2)
+        raise AssertionError("the run was not interrupted")
+    except Interrupted as stop:
+        at = stop.args[0]
     finally:
-        dist.destroy_process_group()
+        Trainer.save_checkpoint = original_save
+    files = sorted(os.listdir(os.path.join(run_dir, "checkpoint", "sharded")))
+    resumed = _run(run_dir, checkpoint_every=2)
+    straight = _run(None)
+    return {"interrupted_at": at, "files": files, "resumed": resumed, "straight": straight}
 
 
 def test_fsdp_resume_equals_uninterrupted(tmp_path):
-    import os
-
-    import torch.multiprocessing as mp
-
-    out_path = str(tmp_path / "resume.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out_path, os.path.dirname(__file__), str(tmp_path / "run")),
-             nprocs=2, join=True)
-    got = torch.load(out_path)
+    got = run_on_gloo_ranks(_on_rank, tmp_path, str(tmp_path / "run"))
     assert got["interrupted_at"] == 2
     assert sum(f.endswith(".distcp") for f in got["files"]) == 2  # one shard file per rank
     resumed, straight = got["resumed"], got["straight"]

@@ -4,6 +4,8 @@ way) gives the same losses and weights as one ordinary process."""
 import pytest
 import torch
 
+from helpers import one_thread, run_on_gloo_ranks
+
 pytestmark = pytest.mark.distributed
 
 KW = dict(overrides={"steps": 3, "batch_size": 4, "lr": 1e-2}, progress=False)
@@ -29,47 +31,26 @@ def _train(fsdp: bool, save_dir=None):
             "losses": [h[k] for h in res.history for k in ("forget_ce", "retain_kl", "loss", "grad_norm")]}
 
 
-def _worker(rank, world, store, out_path, tests_dir):
-    import os
-    import sys
+def _on_rank(rank, save_dir):
+    from tiny_models import tiny_llava
+    from unlearn_fast.methods import fsdp
+    from unlearn_fast.models import get_adapter
 
-    import torch.distributed as dist
-
-    sys.path.insert(0, tests_dir)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        from tiny_models import task_and_tokenizer, tiny_llava
-        from unlearn_fast.methods import fsdp
-        from unlearn_fast.models import get_adapter
-
-        model = tiny_llava()
-        groups = fsdp.shard_model(model, get_adapter(model))
-        sharded = sum(fsdp.is_sharded(p) for p in model.parameters())
-        res = _train(fsdp=True, save_dir=os.path.dirname(out_path) + "/saved")
-        if rank == 0:
-            torch.save({**res, "groups": groups, "sharded": sharded,
-                        "head_sharded": fsdp.is_sharded(model.lm_head.weight)}, out_path)
-    finally:
-        dist.destroy_process_group()
+    model = tiny_llava()
+    groups = fsdp.shard_model(model, get_adapter(model))
+    sharded = sum(fsdp.is_sharded(p) for p in model.parameters())
+    res = _train(fsdp=True, save_dir=save_dir)
+    if res is None:  # not rank 0: the saved weights are on rank 0 only
+        return None
+    return {**res, "groups": groups, "sharded": sharded, "head_sharded": fsdp.is_sharded(model.lm_head.weight)}
 
 
 def test_fsdp_two_gloo_processes_equal_one(tmp_path):
-    import os
-
-    import torch.multiprocessing as mp
-
-    out_path = str(tmp_path / "fsdp.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out_path, os.path.dirname(__file__)), nprocs=2, join=True)
-    got = torch.load(out_path)
+    got = run_on_gloo_ranks(_on_rank, tmp_path, str(tmp_path / "saved"))
     assert "model.language_model.layers.0" in got["groups"] and "model" in got["groups"]
     assert got["sharded"] > 0 and not got["head_sharded"]  # the lm_head stays replicated
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers
-    try:
+    with one_thread():  # as the workers
         single = _train(fsdp=False)
-    finally:
-        torch.set_num_threads(threads)
     assert got["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-7)
     assert set(got["state"]) == set(single["state"])
     for name, w in single["state"].items():

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny_models import task_and_tokenizer, tiny_clip, tiny_llava
+from tiny_models import task_and_tokenizer, tiny_clip, tiny_llava, tiny_qwen2vl
 from unlearn_fast.methods.multidelete import run_multidelete
 from unlearn_fast.methods.multidelete_llava import (LlavaMultiDelete, evaluate_llava_pairs, last_token_states,
                                                     match_scores)
@@ -28,9 +28,11 @@ def _method(model, reference, **hp):
     return LlavaMultiDelete(model, get_adapter(model), tok, task, CONCEPT, reference, **{"batch_size": 3, **hp})
 
 
-def test_last_token_states_shape_and_padding():
+@pytest.mark.parametrize("make_model", [tiny_llava, tiny_qwen2vl], ids=["llava", "qwen2vl"])
+def test_last_token_states_shape_and_padding(make_model):
+    # Qwen2-VL: 3-D rotary positions under padding
     task, tok = task_and_tokenizer()
-    model = tiny_llava()
+    model = make_model()
     ad = get_adapter(model)
     imgs, caps, _ = task.image_caption_pairs(CONCEPT)
     rows_i = [imgs[0], None, imgs[1]]

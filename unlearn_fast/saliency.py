@@ -684,13 +684,19 @@ def topk_mask_distributed(scores, fraction: float, *, group=None, names: Optiona
     if isinstance(scores, Mapping) and names is None:
         names = list(scores.keys())
     scores = _tensor_list(scores, "scores")
+    sel, meta = _select_distributed(scores, fraction, group, backend)
+    return _write_topk(scores, sel, backend, names, meta)
+
+
+def _select_distributed(scores: List[torch.Tensor], fraction: float, group, backend: str):
+    """The radix selection of topk_mask_distributed (every rank calls it): (selection, meta)."""
     comm = _Comm(group, distributed=True)
     total = int(comm.sum(torch.tensor([sum(s.numel() for s in scores)]))[0])
     k = _k_from_fraction(fraction, total)
     sel = _select(scores, k, backend, comm)
     meta = {"kind": "topk", "fraction": float(fraction), "k": k, "total": total, "threshold": sel.threshold,
             "greater": sel.greater, "ties": sel.ties, "ties_kept": sel.ties_kept, "world_size": comm.world}
-    return _write_topk(scores, sel, backend, names, meta)
+    return sel, meta
 
 
 # --------------------------------------------------------------------------------------
@@ -1018,7 +1024,7 @@ def mmunlearner_mask(named_params, forget_fisher, preserve_fisher_vision, preser
             if len(replicated) != len(ratios):
                 raise ValueError(f"replicated has {len(replicated)} entries for {len(ratios)} trainable parameters")
             counted = [r if first or not rep else r.new_empty(0) for r, rep in zip(ratios, replicated)]
-            kth = topk_mask_distributed(counted, fraction, group=group, backend=backend).meta
+            _, kth = _select_distributed(counted, fraction, group, backend)  # the k-th ratio only: no mask
             mask = BitMask.from_dense([r >= kth["threshold"] for r in ratios], names=names)
             mask.meta.update({k: kth[k] for k in ("fraction", "k", "total", "threshold", "world_size")})
         else:
