@@ -69,6 +69,38 @@ def test_timing_after_a_memory_measurement_is_not_slower():
     assert after < 5 * before + 1e-3, (before, after)
 
 
+def test_tensor_peak_memory_replays_allocations_in_order():
+    """The largest running total of live tensor bytes, not the sum of allocations: a
+    tensor freed before the next one is allocated does not add up."""
+    before = torch.empty(1 << 18)  # live before the call, freed inside it: not counted
+
+    def fn():
+        nonlocal before
+        a = torch.empty(1 << 20)
+        b = torch.empty(2 << 20)  # peak here: a + b = 12 MiB
+        del a, before
+        c = torch.empty(1 << 20)  # 8 + 4 MiB again: not above the peak
+        return b, c
+
+    assert harness.tensor_peak_memory(fn, "cpu") == 3 * 4 * (1 << 20)
+
+
+def test_tensor_peak_memory_sees_the_native_kernels_buffers():
+    """The C++ token-statistics op allocates its (rows, V) chunk buffer through ATen: the
+    tensor-level peak must see it (it would flatter the fused path if it did not)."""
+    from unlearn_fast import backends, token_stats
+
+    if not backends.availability("cpp").available:
+        pytest.skip(backends.availability("cpp").reason)
+    n, h, v = 64, 16, 4099
+    hidden, weight = torch.randn(n, h), torch.randn(v, h)
+    targets = torch.randint(0, v, (n,))
+    with torch.no_grad():
+        token_stats(hidden, weight, targets, backend="cpp")  # warm-up: first-call allocations
+        peak = harness.tensor_peak_memory(lambda: token_stats(hidden, weight, targets, backend="cpp"), "cpu")
+    assert peak >= n * v * 4
+
+
 # --------------------------------------------------------------------------- schema and files
 def _row(**over):
     row = dict(op="dual_masked_kl", provider="eager", mode="fwd", shape="N=8,V=16", dtype="float32", device="cpu",
@@ -132,6 +164,15 @@ def test_recorder_write_round_trips_and_merges(tmp_path):
     merged = json.loads((tmp_path / "bench.json").read_text())
     assert merged == rows + second.as_dicts()
     assert "cross_entropy" in (tmp_path / "summary.md").read_text()
+    # a bench.json that is not ours is neither merged nor overwritten
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "bench.json").write_text('{"not": "rows"}')
+    with pytest.raises(ValueError, match="move it away or choose another --out"):
+        second.write(str(other), plot=False)
+    with pytest.raises(ValueError, match="not a bench.json"):
+        harness.check_out_dir(str(other))
+    assert (other / "bench.json").read_text() == '{"not": "rows"}'
 
 
 # --------------------------------------------------------------------------- plots
@@ -183,6 +224,31 @@ def test_summary_flags_auto_slower_than_eager():
     text = to_markdown(lines)
     assert text.count(SLOWER) == 1
     assert "1 case(s) where backend=\"auto\" is slower than eager:" in text
+
+
+def test_summary_memory_columns():
+    """The tensor-level ratio where a suite measured it; no RSS ratio when both peaks are
+    under 1 MiB (allocator noise: 0.3 MiB "is 10x" 0.03 MiB)."""
+    from unlearn_fast.bench.summary import summarize, to_markdown
+
+    mib = float(2**20)
+    rows = [_row(provider="eager", value=0.010), _row(provider="fused", value=0.005),
+            _row(provider="eager", metric="peak_mem_bytes", value=10 * mib),
+            _row(provider="fused", metric="peak_mem_bytes", value=3 * mib),
+            _row(provider="eager", metric="peak_mem_tensor_bytes", value=8 * mib),
+            _row(provider="fused", metric="peak_mem_tensor_bytes", value=2 * mib),
+            _row(provider="eager", shape="B=1", value=0.010), _row(provider="cpp", shape="B=1", value=0.005),
+            _row(provider="eager", shape="B=1", metric="peak_mem_bytes", value=0.03 * mib),
+            _row(provider="cpp", shape="B=1", metric="peak_mem_bytes", value=0.3 * mib)]
+    lines = summarize(rows, lambda *a: None)
+    by_shape = {ln["shape"]: ln for ln in lines}
+    assert by_shape["N=8,V=16"]["mem_ratio"] == pytest.approx(0.3)
+    assert by_shape["N=8,V=16"]["tensor_mem_ratio"] == pytest.approx(0.25)
+    assert not by_shape["N=8,V=16"]["mem_tiny"] and by_shape["B=1"]["mem_tiny"]
+    assert by_shape["B=1"]["tensor_mem_ratio"] is None
+    table = to_markdown(lines).splitlines()
+    assert "| 0.30x | 0.25x |" in next(t for t in table if "N=8,V=16" in t)
+    assert "| <1 MiB both | - |" in next(t for t in table if "B=1" in t)
 
 
 def test_summary_default_auto_is_the_registry_choice():

@@ -23,8 +23,10 @@ def run_bench(args) -> int:
     import time
 
     from unlearn_fast.bench.common import bench_device
-    from unlearn_fast.bench.harness import Recorder, set_malloc_policy
+    from unlearn_fast.bench.harness import Recorder, check_out_dir, set_malloc_policy
 
+    if args.out:
+        check_out_dir(args.out)  # a folder we could not write into fails now, not after the run
     device = bench_device(args)
     threads = getattr(args, "threads", None)
     if threads is None and args.quick and device == "cpu":
@@ -39,20 +41,29 @@ def run_bench(args) -> int:
     # one allocator policy for every timing, whether or not a memory measurement came first
     set_malloc_policy("steady")
     _allow_recompiles()
-    recorder = Recorder()
+    rows = []
     start = time.perf_counter()
     try:
         for name in names:
+            recorder = Recorder()
             _run_suite(name, args, recorder, device, threads)
+            rows += recorder.as_dicts()
+            if args.out:
+                # each suite's rows land as it ends (merged into the folder's bench.json and
+                # summary.md): a long `bench all` stopped midway keeps the suites it finished
+                for path in recorder.write(args.out, plot=False):
+                    print(f"wrote {path}")
     finally:
         gc.unfreeze()
     print(f"== bench {args.suite}{' --quick' if args.quick else ''}: {time.perf_counter() - start:.1f} s in all",
           flush=True)
     from unlearn_fast.bench.summary import suite_auto_lookup, summarize, to_markdown
 
-    print(to_markdown(summarize(recorder.as_dicts(), suite_auto_lookup()), title=f"bench {args.suite}"), flush=True)
-    if args.out:
-        for path in recorder.write(args.out, plot=not args.no_plot):
+    print(to_markdown(summarize(rows, suite_auto_lookup()), title=f"bench {args.suite}"), flush=True)
+    if args.out and not args.no_plot:
+        from unlearn_fast.bench.harness import write_plots
+
+        for path in write_plots(args.out):
             print(f"wrote {path}")
     return 0
 

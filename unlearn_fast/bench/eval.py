@@ -28,7 +28,7 @@ from typing import List
 import torch
 
 from unlearn_fast.bench.common import bench_device, bench_dtypes, dtype_str, shape_str
-from unlearn_fast.bench.harness import peak_memory, time_fn
+from unlearn_fast.bench.harness import peak_memory, tensor_peak_memory, time_fn
 
 DESCRIPTION = "evaluation metrics: one fused pass per set vs one eager pass per metric; batched generation"
 WIDE_VOCAB = 151936
@@ -127,7 +127,7 @@ def _run(args, recorder, device) -> None:
             shape = shape_str(model=name, N=len(rows), B=batch_size, T=batch["input_ids"].shape[1], V=vocab,
                               threads=torch.get_num_threads())
             ds = dtype_str(dtype)
-            eager_med = eager_peak = eager_out = None
+            eager_med = eager_peak = eager_tensor_peak = eager_out = None
             for provider, fn in _providers(model, adapter, tok, rows, batch_size).items():
                 if wanted is not None and provider not in wanted and provider != "per_metric_eager":
                     continue
@@ -135,14 +135,18 @@ def _run(args, recorder, device) -> None:
                     out = fn()
                     times = time_fn(fn, device, warmup=0, reps=reps)
                     peak = peak_memory(fn, device)
+                    # on the CPU also the tensor-level peak: the RSS reading of these few-MiB
+                    # passes is largely malloc and Python overhead (harness.tensor_peak_memory)
+                    tensor_peak = tensor_peak_memory(fn, device) if device == "cpu" else None
                 except Exception as exc:  # e.g. out of memory: record and go on
                     print(f"  {provider} {shape} {ds} failed: {exc}")
                     continue
                 med = recorder.add_timing("eval_scores", provider, "fwd", shape, ds, device, times, peak_bytes=peak,
-                                          eager_median=eager_med, eager_peak=eager_peak)
+                                          eager_median=eager_med, eager_peak=eager_peak,
+                                          tensor_peak_bytes=tensor_peak, eager_tensor_peak=eager_tensor_peak)
                 recorder.add("eval_scores", provider, "fwd", shape, ds, device, "examples_per_s", len(rows) / med)
                 if provider == "per_metric_eager":
-                    eager_med, eager_peak, eager_out = med, peak, out
+                    eager_med, eager_peak, eager_tensor_peak, eager_out = med, peak, tensor_peak, out
                 elif eager_out is not None:
                     # Min-K%++ apart: the eager formula sigma^2 = E[(log p)^2] - mu^2 (open-unlearning's,
                     # from the Min-K%++ code) cancels catastrophically in float32 at a wide vocabulary

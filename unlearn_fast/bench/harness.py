@@ -4,7 +4,8 @@ Schema: one row per measurement
     op, provider, mode, shape, dtype, device, metric, value, version, timestamp
 ``shape`` is a string like "N=2048,V=32000"; ``metric`` is one of
     time_median_s, time_iqr_s, peak_mem_bytes, ratio_to_eager (eager time / this time),
-    mem_ratio_to_eager, bandwidth_gbps, roofline_floor_s, roofline_fraction, tokens_per_s ...
+    mem_ratio_to_eager, peak_mem_tensor_bytes, tensor_mem_ratio_to_eager, bandwidth_gbps,
+    roofline_floor_s, roofline_fraction, tokens_per_s ...
 ``Recorder.write(out_dir)`` writes bench.json (a list of rows), bench.csv, summary.md
 (bench/summary.py) and plots (bench/plots.py).
 """
@@ -233,6 +234,36 @@ def peak_memory(fn: Callable[[], object], device: str = "cpu") -> int:
     return int(sampler.extra)
 
 
+def tensor_peak_memory(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak bytes of tensor storage allocated while ``fn()`` runs, above what was live
+    before -- the CPU counterpart of CUDA's ``max_memory_allocated`` (on CUDA it is
+    ``peak_memory``).
+
+    ``peak_memory`` on the CPU reads the resident set, which also holds what is not a
+    tensor: malloc's chunk headers and page rounding, Python objects, thread stacks.  At a
+    few MiB those are a large part of the reading (the built-in model's evaluation pass).
+    This replays every allocation and free of torch's CPU allocator (torch.profiler with
+    ``profile_memory``) in time order and keeps the largest running total.  It does not
+    see memory that bypasses torch's allocator: BLAS workspaces, and the C++ kernels'
+    per-thread float rows for bf16 inputs (V floats each) -- quote it beside the RSS peak,
+    not instead of it."""
+    if device.startswith("cuda"):
+        return peak_memory(fn, device)
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    allocations = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                   if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for _, nbytes in sorted(allocations, key=lambda a: a[0]):
+        live += nbytes
+        peak = max(peak, live)
+    return int(peak)
+
+
 _BANDWIDTH: Dict[str, float] = {}
 
 
@@ -261,8 +292,10 @@ class Recorder:
 
     def add_timing(self, op, provider, mode, shape, dtype, device, times: List[float],
                    peak_bytes: Optional[int] = None, eager_median: Optional[float] = None,
-                   eager_peak: Optional[int] = None, floor_seconds: Optional[float] = None) -> float:
-        """Add the standard rows for one (op, provider, mode, shape, dtype) measurement."""
+                   eager_peak: Optional[int] = None, floor_seconds: Optional[float] = None,
+                   tensor_peak_bytes: Optional[int] = None, eager_tensor_peak: Optional[int] = None) -> float:
+        """Add the standard rows for one (op, provider, mode, shape, dtype) measurement
+        (``tensor_peak_bytes``: ``tensor_peak_memory``'s reading, where a suite takes it)."""
         med, iqr = median_iqr(times)
         add = lambda m, v: self.add(op, provider, mode, shape, dtype, device, m, v)  # noqa: E731
         add("time_median_s", med)
@@ -273,6 +306,10 @@ class Recorder:
             add("ratio_to_eager", eager_median / med)
         if eager_peak is not None and peak_bytes is not None and eager_peak > 0:
             add("mem_ratio_to_eager", peak_bytes / eager_peak)
+        if tensor_peak_bytes is not None:
+            add("peak_mem_tensor_bytes", tensor_peak_bytes)
+            if eager_tensor_peak:
+                add("tensor_mem_ratio_to_eager", tensor_peak_bytes / eager_tensor_peak)
         if floor_seconds is not None:
             add("roofline_floor_s", floor_seconds)
             add("roofline_fraction", floor_seconds / med)
@@ -292,26 +329,45 @@ class Recorder:
         os.makedirs(out_dir, exist_ok=True)
         rows = self.as_dicts()
         validate_rows(rows)
-        # Merge with rows already there from other suites run into the same folder.
-        path = os.path.join(out_dir, "bench.json")
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    old = json.load(f)
-                validate_rows(old)
-                rows = old + rows
-            except (ValueError, json.JSONDecodeError):
-                pass
-        written = [write_atomic_json(path, rows)]
+        rows = _folder_rows(out_dir) + rows  # merge with rows from other suites run into the same folder
+        written = [write_atomic_json(os.path.join(out_dir, "bench.json"), rows)]
         written.append(_write_atomic_csv(os.path.join(out_dir, "bench.csv"), rows))
         from unlearn_fast.bench.summary import write_summary
 
         written.append(write_summary(rows, out_dir))
         if plot:
-            from unlearn_fast.bench.plots import plot_rows
-
-            written += plot_rows(rows, out_dir)
+            written += write_plots(out_dir, rows)
         return written
+
+
+def _folder_rows(out_dir: str) -> List[dict]:
+    """The rows of out_dir/bench.json ([] when there is none).  A file that is not a list
+    of rows in the schema raises: merging would overwrite it, and it may be someone's results."""
+    path = os.path.join(out_dir, "bench.json")
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+        if not isinstance(rows, list):
+            raise ValueError("not a list of rows")
+        validate_rows(rows)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a bench.json of this schema ({exc}); results merge into it, so "
+                         f"move it away or choose another --out") from None
+    return rows
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Raise before any measurement if results could not be merged into ``out_dir``."""
+    _folder_rows(out_dir)
+
+
+def write_plots(out_dir: str, rows: Optional[List[dict]] = None) -> List[str]:
+    """The plots of every row in out_dir/bench.json (or of ``rows``); returns the paths."""
+    from unlearn_fast.bench.plots import plot_rows
+
+    return plot_rows(_folder_rows(out_dir) if rows is None else rows, out_dir)
 
 
 def write_atomic_json(path: str, obj) -> str:

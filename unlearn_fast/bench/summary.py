@@ -1,7 +1,8 @@
 """The summary table of a benchmark run (``DIR/summary.md``, also printed).
 
 One line per (op, mode, shape, dtype, device): the baseline's median time (eager: the
-papers' code), the best of our fused providers, their ratio, the peak-memory ratio, and
+papers' code), the best of our fused providers, their ratio, the peak-memory ratio (and the
+tensor-level one where a suite measured it: bench/harness.tensor_peak_memory), and
 what ``backend="auto"`` runs for that case on that device with its ratio to eager.  Cases
 where the auto choice is slower than eager are flagged ``SLOWER THAN EAGER``: the
 dispatcher should route those shapes elsewhere.
@@ -24,6 +25,10 @@ BASELINES = ("eager", "per_metric_eager", "one_by_one")
 # (compile, foreach, eager_1pass, one_pass_eager, peer kernels) are references, not ours.
 OURS = ("cpp", "cuda", "triton", "fused", "batched_greedy")
 SLOWER = "SLOWER THAN EAGER"
+# Below this, both peaks are allocator and thread noise (an in-place update's few hundred
+# KiB of OpenMP scratch "is 11x eager's" 30 KiB): the ratio says nothing, so it is not shown.
+TINY_PEAK_BYTES = 2**20
+MEMORY_METRICS = ("peak_mem_bytes", "peak_mem_tensor_bytes")
 
 AutoLookup = Callable[[str, str, str, str], Optional[str]]
 
@@ -69,7 +74,7 @@ def summarize(rows: List[dict], auto_lookup: Optional[AutoLookup] = None) -> Lis
     auto_lookup = auto_lookup or registry_auto
     cases: "OrderedDict[tuple, Dict[str, Dict[str, float]]]" = OrderedDict()
     for r in rows:
-        if r["metric"] in ("time_median_s", "peak_mem_bytes"):
+        if r["metric"] in ("time_median_s",) + MEMORY_METRICS:
             key = (r["op"], r["mode"], r["shape"], r["dtype"], r["device"])
             cases.setdefault(key, {}).setdefault(r["provider"], {})[r["metric"]] = r["value"]
     lines = []
@@ -79,18 +84,21 @@ def summarize(rows: List[dict], auto_lookup: Optional[AutoLookup] = None) -> Lis
         if baseline is None:
             continue
         base_t = timed[baseline]["time_median_s"]
-        base_mem = timed[baseline].get("peak_mem_bytes")
         ours = [p for p in timed if p in OURS]
         best = min(ours, key=lambda p: timed[p]["time_median_s"]) if ours else None
         line = dict(op=op, mode=mode, shape=shape, dtype=dtype, device=device, baseline=baseline,
-                    baseline_s=base_t, best=best, best_s=None, ratio=None, mem_ratio=None,
+                    baseline_s=base_t, best=best, best_s=None, ratio=None, mem_ratio=None, tensor_mem_ratio=None,
+                    mem_tiny=False,
                     auto=auto_lookup(op, shape, dtype, device), auto_s=None, auto_ratio=None, flag="")
         if best is not None:
             line["best_s"] = timed[best]["time_median_s"]
             line["ratio"] = base_t / line["best_s"]
-            best_mem = timed[best].get("peak_mem_bytes")
-            if best_mem is not None and base_mem:
-                line["mem_ratio"] = best_mem / base_mem
+            for metric, key in zip(MEMORY_METRICS, ("mem_ratio", "tensor_mem_ratio")):
+                base_mem, best_mem = timed[baseline].get(metric), timed[best].get(metric)
+                if best_mem is not None and base_mem:
+                    line[key] = best_mem / base_mem
+                    if metric == "peak_mem_bytes":
+                        line["mem_tiny"] = max(base_mem, best_mem) < TINY_PEAK_BYTES
         auto = line["auto"]
         if auto == "eager":
             auto = baseline  # auto routes this case to the reference code itself
@@ -118,19 +126,26 @@ def _x(ratio: Optional[float]) -> str:
     return f"{ratio:.2f}x" if ratio >= 0.01 else "<0.01x"
 
 
+def _mem(line: dict) -> str:
+    return "<1 MiB both" if line["mem_tiny"] else _x(line["mem_ratio"])
+
+
 def to_markdown(lines: List[dict], title: str = "Benchmark summary") -> str:
     """A markdown table of summary lines, then the list of flagged cases."""
     out = [f"# {title}", "",
            "Times are medians in ms; `x eager` = eager time / this time (above 1: faster); `mem` = peak "
-           "memory / eager's (below 1: less); `auto` = what `backend=\"auto\"` runs for that case here.", "",
-           "| op | mode | shape | dtype | device | eager ms | best fused | fused ms | x eager | mem | auto | "
-           "auto x eager | flag |",
-           "|---|---|---|---|---|---:|---|---:|---:|---:|---|---:|---|"]
+           "memory / eager's (below 1: less; `<1 MiB both`: both peaks under 1 MiB, no ratio); `tensor mem` = "
+           "the same from tensor allocations only, where the suite measured it (CPU RSS counts malloc and "
+           "Python overhead too); `auto` = what `backend=\"auto\"` runs for that case here.", "",
+           "| op | mode | shape | dtype | device | eager ms | best fused | fused ms | x eager | mem | tensor mem "
+           "| auto | auto x eager | flag |",
+           "|---|---|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---|"]
     for ln in lines:
         base = ln["baseline"] if ln["baseline"] != "eager" else ""
         out.append(f"| {ln['op']} | {ln['mode']} | {ln['shape']} | {ln['dtype']} | {ln['device']} | "
                    f"{_ms(ln['baseline_s'])}{f' ({base})' if base else ''} | {ln['best'] or '-'} | "
-                   f"{_ms(ln['best_s'])} | {_x(ln['ratio'])} | {_x(ln['mem_ratio'])} | {ln['auto'] or '-'} | "
+                   f"{_ms(ln['best_s'])} | {_x(ln['ratio'])} | {_mem(ln)} | {_x(ln['tensor_mem_ratio'])} | "
+                   f"{ln['auto'] or '-'} | "
                    f"{_x(ln['auto_ratio'])} | {ln['flag']} |")
     flagged = [ln for ln in lines if ln["flag"]]
     out += ["", f"{len(flagged)} case(s) where backend=\"auto\" is slower than eager"
