@@ -25,6 +25,8 @@
 #   BUDGET_S=570             wall-clock budget of the whole script in seconds; every step gets
 #                            what is left (a suite that would start with < 30 s left is skipped)
 #   SKIP_BUILD=1 / SKIP_TESTS=1
+#   PYTHON=...               the interpreter (default: python3, the one that holds torch on the
+#                            device image, which has no plain `python`; else python)
 set -uo pipefail
 start=$(date +%s)
 budget=${BUDGET_S:-570}
@@ -32,9 +34,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0 TOKENIZERS_PARALLELISM=false
 
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 left() { local s=$(( budget - ($(date +%s) - start) )); echo $(( s > 1 ? s : 1 )); }
 
-device=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))") || {
+device=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))") || {
   echo "gpu_suite.sh: no CUDA device visible to torch" >&2; exit 2; }
 default_out=benchmarks/results/${device}-$(date -u +%Y%m%d)
 [ -n "${OUT:-}" ] && default_out=$OUT/${device}-$(date -u +%Y%m%d)
@@ -44,14 +47,14 @@ echo "gpu_suite.sh: results in $out (budget ${budget} s)"
 status=0
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  timeout "$(left)" python setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || {
+  timeout "$(left)" "$PYTHON" setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || {
     echo "build failed (see $out/build.log)"; tail -30 "$out/build.log"; exit 1; }
   echo "built in $(( $(date +%s) - start )) s"
 fi
-{ nvidia-smi || true; python -m unlearn_fast info; } > "$out/env.txt" 2>&1
+{ nvidia-smi || true; "$PYTHON" -m unlearn_fast info; } > "$out/env.txt" 2>&1
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "$(left)" python -m pytest -q -ra -m gpu tests/ > "$out/pytest_gpu.log" 2>&1 || status=1
+  timeout "$(left)" "$PYTHON" -m pytest -q -ra -m gpu tests/ > "$out/pytest_gpu.log" 2>&1 || status=1
   tail -5 "$out/pytest_gpu.log"
   echo "GPU tests done at $(( $(date +%s) - start )) s"
 fi
@@ -62,13 +65,13 @@ for suite in ${SUITES:-dmk linear saliency multidelete e2e eval}; do
     echo "bench $suite: skipped, the time budget is spent" | tee -a "$out/bench_skipped.txt"; status=1; continue
   fi
   # shellcheck disable=SC2086
-  timeout --signal=INT "$(left)" python -m unlearn_fast bench "$suite" --out "$out" $flags \
+  timeout --signal=INT "$(left)" "$PYTHON" -m unlearn_fast bench "$suite" --out "$out" $flags \
     > "$out/bench_$suite.log" 2>&1 || { echo "bench $suite: failed or cut off (see bench_$suite.log)"; status=1; }
   echo "bench $suite done at $(( $(date +%s) - start )) s"
 done
 
 if [ "$(left)" -gt 20 ]; then
-  timeout "$(left)" python -m unlearn_fast profile dmk --tokens 4096 --vocab 32000 --dtype bfloat16 \
+  timeout "$(left)" "$PYTHON" -m unlearn_fast profile dmk --tokens 4096 --vocab 32000 --dtype bfloat16 \
     --out "$out/profile" > "$out/profile_dmk.log" 2>&1 || status=1
 fi
 [ -f "$out/summary.md" ] && tail -40 "$out/summary.md"

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/core/Allocator.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -76,7 +77,9 @@ inline void store_row(const double* src, int64_t n, double* dst) {
 // pages (MADV_HUGEPAGE, honoured when THP is "madvise" or "always"): 512x fewer faults.
 // The same resident memory as at::empty (where THP is off the advice is ignored and the
 // buffer has ordinary pages); at::empty when mmap fails or off Linux.  The tensor owns
-// the mapping (from_blob with an munmap deleter), so it cannot be resized in place.
+// the mapping (from_blob with an munmap deleter), so it cannot be resized in place.  The
+// mapping and its release are reported to torch.profiler's memory profiling, as torch's own
+// CPU allocator reports its blocks, so tensor-level peaks (bench/harness.py) include it.
 inline at::Tensor empty_for_full_write(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHuge = size_t(2) << 20;
@@ -88,9 +91,17 @@ inline at::Tensor empty_for_full_write(at::IntArrayRef sizes, const at::TensorOp
     void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base != MAP_FAILED) {
       const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
-      madvise(reinterpret_cast<void*>(aligned), len - (aligned - reinterpret_cast<uintptr_t>(base)), MADV_HUGEPAGE);
+      void* data = reinterpret_cast<void*>(aligned);
+      madvise(data, len - (aligned - reinterpret_cast<uintptr_t>(base)), MADV_HUGEPAGE);
+      const auto bytes = static_cast<int64_t>(nbytes);
+      c10::reportMemoryUsageToProfiler(data, bytes, 0, 0, c10::Device(c10::kCPU));
       return at::from_blob(
-          reinterpret_cast<void*>(aligned), sizes, [base, len](void*) { munmap(base, len); }, options);
+          data, sizes,
+          [base, len, bytes](void* ptr) {
+            c10::reportMemoryUsageToProfiler(ptr, -bytes, 0, 0, c10::Device(c10::kCPU));
+            munmap(base, len);
+          },
+          options);
     }
   }
 #endif

@@ -86,9 +86,10 @@ def test_tensor_peak_memory_replays_allocations_in_order():
 
 
 def test_tensor_peak_memory_sees_the_native_kernels_buffers():
-    """The C++ token-statistics op allocates its (rows, V) chunk buffer through ATen: the
-    tensor-level peak must see it (it would flatter the fused path if it did not)."""
-    from unlearn_fast import backends, token_stats
+    """The tensor-level peak must see what the C++ kernels allocate (it would flatter the
+    fused path if it did not): token_stats' (rows, V) chunk buffer comes from ATen, the DMK
+    gradient (>= 8 MiB) from an mmap of our own that reports itself to the profiler."""
+    from unlearn_fast import backends, dual_masked_kl, token_stats
 
     if not backends.availability("cpp").available:
         pytest.skip(backends.availability("cpp").reason)
@@ -99,6 +100,15 @@ def test_tensor_peak_memory_sees_the_native_kernels_buffers():
         token_stats(hidden, weight, targets, backend="cpp")  # warm-up: first-call allocations
         peak = harness.tensor_peak_memory(lambda: token_stats(hidden, weight, targets, backend="cpp"), "cpu")
     assert peak >= n * v * 4
+
+    student = torch.randn(256, 3 * 4096).requires_grad_()  # a 12 MiB gradient
+    teacher = torch.randn(256, 3 * 4096)
+
+    def dmk_grad():
+        return torch.autograd.grad(dual_masked_kl(student, teacher, backend="cpp"), student)[0]
+
+    dmk_grad()
+    assert harness.tensor_peak_memory(dmk_grad, "cpu") >= student.numel() * 4
 
 
 # --------------------------------------------------------------------------- schema and files
@@ -251,6 +261,20 @@ def test_summary_memory_columns():
     assert "| <1 MiB both | - |" in next(t for t in table if "B=1" in t)
 
 
+def test_failed_cases_are_rows_and_listed_in_the_summary(tmp_path, capsys):
+    rec = harness.Recorder(quiet=True)
+    rec.add("cross_entropy", "eager", "fwd", "N=8", "float32", "cpu", "time_median_s", 0.1)
+    rec.failure("cross_entropy", "cpp", "fwd", "N=8", "float32", "cpu", MemoryError("out of memory"))
+    assert "cross_entropy cpp fwd N=8 float32 failed: MemoryError: out of memory" in capsys.readouterr().out
+    rec.write(str(tmp_path), plot=False)
+    text = (tmp_path / "summary.md").read_text()
+    assert "1 case(s) failed" in text and "- cross_entropy cpp fwd N=8 float32 cpu" in text
+    clean = harness.Recorder(quiet=True)
+    clean.add("cross_entropy", "eager", "fwd", "N=8", "float32", "cpu", "time_median_s", 0.1)
+    clean.write(str(tmp_path / "clean"), plot=False)
+    assert "0 case(s) failed." in (tmp_path / "clean" / "summary.md").read_text()
+
+
 def test_summary_default_auto_is_the_registry_choice():
     from unlearn_fast import backends
     from unlearn_fast.bench.summary import registry_auto, suite_auto_lookup
@@ -301,6 +325,18 @@ def test_a_peer_that_cannot_load_never_stops_a_run(monkeypatch, tmp_path, capsys
     providers = {(r["op"], r["provider"]) for r in json.loads((out / "bench.json").read_text())}
     assert {("dual_masked_kl", "eager"), ("cross_entropy", "eager")} <= providers
     assert not any(peers.is_peer(p) for _, p in providers)
+
+
+def test_linear_mia_sequences_cover_every_token():
+    """bench linear's MIA references score SEQ_LEN-token sequences; the CPU cases have fewer
+    tokens than one sequence, and a partial last sequence must count too."""
+    from unlearn_fast.bench import linear as bl
+
+    for n in (64, bl.SEQ_LEN, bl.SEQ_LEN + 44):
+        values, valid = torch.arange(float(n)), torch.arange(n) % 3 != 0
+        seqs = bl._per_sequence(values, valid)
+        assert [len(s) for s in seqs] == [int(valid[i:i + bl.SEQ_LEN].sum()) for i in range(0, n, bl.SEQ_LEN)]
+        assert torch.equal(torch.cat(seqs), values[valid])
 
 
 # --------------------------------------------------------------------------- the CLI, every subcommand

@@ -57,9 +57,9 @@ def run_bench(args) -> int:
         gc.unfreeze()
     print(f"== bench {args.suite}{' --quick' if args.quick else ''}: {time.perf_counter() - start:.1f} s in all",
           flush=True)
-    from unlearn_fast.bench.summary import suite_auto_lookup, summarize, to_markdown
+    from unlearn_fast.bench.summary import report
 
-    print(to_markdown(summarize(rows, suite_auto_lookup()), title=f"bench {args.suite}"), flush=True)
+    print(report(rows, title=f"bench {args.suite}"), flush=True)
     if args.out and not args.no_plot:
         from unlearn_fast.bench.harness import write_plots
 

@@ -76,7 +76,7 @@ def run(args, recorder) -> None:
                         times = time_fn(step, device, warmup=1, reps=reps)
                         peak = peak_memory(step, device)
                     except Exception as exc:  # e.g. out of memory: record and go on
-                        print(f"  {provider} {mode} {shape} {dtype_str(dtype)} failed: {exc}")
+                        recorder.failure("dual_masked_kl", label, mode, shape, dtype_str(dtype), device, exc)
                         continue
                     med = recorder.add_timing("dual_masked_kl", label, mode, shape, dtype_str(dtype), device,
                                               times, peak_bytes=peak, eager_median=eager_med,

@@ -141,7 +141,7 @@ def run(args, recorder) -> None:
                     times = time_fn(step, device, warmup=0, reps=reps, max_seconds=60)
                     peak = peak_memory(step, device)
                 except Exception as exc:  # e.g. out of memory: record and go on
-                    print(f"  e2e {name} {provider} {shape} failed: {exc}")
+                    recorder.failure(f"e2e_{name}", provider, "step", shape, "float32", device, exc)
                     step = trained = None  # free the failed copy before the next one
                     gc.collect()
                     continue

@@ -139,7 +139,7 @@ def _run(args, recorder, device) -> None:
                     # passes is largely malloc and Python overhead (harness.tensor_peak_memory)
                     tensor_peak = tensor_peak_memory(fn, device) if device == "cpu" else None
                 except Exception as exc:  # e.g. out of memory: record and go on
-                    print(f"  {provider} {shape} {ds} failed: {exc}")
+                    recorder.failure("eval_scores", provider, "fwd", shape, ds, device, exc)
                     continue
                 med = recorder.add_timing("eval_scores", provider, "fwd", shape, ds, device, times, peak_bytes=peak,
                                           eager_median=eager_med, eager_peak=eager_peak,

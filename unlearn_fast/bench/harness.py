@@ -5,7 +5,7 @@ Schema: one row per measurement
 ``shape`` is a string like "N=2048,V=32000"; ``metric`` is one of
     time_median_s, time_iqr_s, peak_mem_bytes, ratio_to_eager (eager time / this time),
     mem_ratio_to_eager, peak_mem_tensor_bytes, tensor_mem_ratio_to_eager, bandwidth_gbps,
-    roofline_floor_s, roofline_fraction, tokens_per_s ...
+    roofline_floor_s, roofline_fraction, tokens_per_s, failed (1: the case raised) ...
 ``Recorder.write(out_dir)`` writes bench.json (a list of rows), bench.csv, summary.md
 (bench/summary.py) and plots (bench/plots.py).
 """
@@ -243,10 +243,11 @@ def tensor_peak_memory(fn: Callable[[], object], device: str = "cpu") -> int:
     tensor: malloc's chunk headers and page rounding, Python objects, thread stacks.  At a
     few MiB those are a large part of the reading (the built-in model's evaluation pass).
     This replays every allocation and free of torch's CPU allocator (torch.profiler with
-    ``profile_memory``) in time order and keeps the largest running total.  It does not
-    see memory that bypasses torch's allocator: BLAS workspaces, and the C++ kernels'
-    per-thread float rows for bf16 inputs (V floats each) -- quote it beside the RSS peak,
-    not instead of it."""
+    ``profile_memory``) in time order and keeps the largest running total; the C++
+    kernels' own mmap'd gradients (csrc/common.h, empty_for_full_write) report themselves
+    to it the same way.  It does not see what bypasses both: BLAS workspaces, and the C++
+    kernels' per-thread float rows for bf16 inputs (V floats each) -- quote it beside the
+    RSS peak, not instead of it."""
     if device.startswith("cuda"):
         return peak_memory(fn, device)
     from torch.profiler import ProfilerActivity, profile
@@ -319,6 +320,13 @@ class Recorder:
             print(f"{op:>24} {provider:>16} {mode:>8} {shape:>24} {dtype:>9}  {med * 1e3:10.2f} ms{mem}{extra}",
                   flush=True)
         return med
+
+    def failure(self, op, provider, mode, shape, dtype, device, exc: BaseException) -> None:
+        """A case that raised (out of memory, a peer's API change...): printed, and kept as
+        a row (metric "failed", value 1) so that summary.md lists it -- a run that lost
+        cases says so at the end instead of in the middle of its log."""
+        print(f"  {op} {provider} {mode} {shape} {dtype} failed: {type(exc).__name__}: {exc}", flush=True)
+        self.add(op, provider, mode, shape, dtype, device, "failed", 1.0)
 
     def as_dicts(self) -> List[dict]:
         return [asdict(r) for r in self.rows]

@@ -122,8 +122,9 @@ def _eager_dmk(h, w, ht, wt, token_mask):
 
 
 def _per_sequence(values: torch.Tensor, valid: torch.Tensor) -> List[torch.Tensor]:
-    n_seq = values.shape[0] // SEQ_LEN
-    return [values[i * SEQ_LEN:(i + 1) * SEQ_LEN][valid[i * SEQ_LEN:(i + 1) * SEQ_LEN]] for i in range(n_seq)]
+    """The valid values of each SEQ_LEN-token sequence (the last one may be shorter: the
+    CPU cases have N < SEQ_LEN)."""
+    return [values[i:i + SEQ_LEN][valid[i:i + SEQ_LEN]] for i in range(0, values.shape[0], SEQ_LEN)]
 
 
 def _min_k(scores: List[torch.Tensor]) -> torch.Tensor:
@@ -332,7 +333,7 @@ def _run_case(recorder, op, mode, providers, x, shape, dtype, device, reps, comp
             cpu_times = cpu_times[1:]  # drop the warm-up
             peak = peak_memory(step, device)
         except Exception as exc:  # e.g. out of memory: record and go on
-            print(f"  {op} {provider} {mode} {shape} {dtype_str(dtype)} failed: {type(exc).__name__}: {exc}")
+            recorder.failure(op, provider, mode, shape, dtype_str(dtype), device, exc)
             continue
         beyond = max(0, peak - grad_bytes)
         med = recorder.add_timing(op, provider, mode, shape, dtype_str(dtype), device, times, peak_bytes=peak,

@@ -138,7 +138,7 @@ def _measure_side_by_side(recorder, op, mode, shape, dtype, device, steps, reps,
             synchronize(device)
             times[provider] = []
         except Exception as exc:  # e.g. out of memory: record and go on
-            print(f"  {provider} {mode} {shape} failed: {exc}")
+            recorder.failure(op, provider, mode, shape, dtype, device, exc)
             steps.pop(provider)
     rounds, start = 0, time.perf_counter()
     max_rounds = 4 * reps if reps > 2 else reps  # --quick: exactly reps rounds

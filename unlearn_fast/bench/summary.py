@@ -156,8 +156,21 @@ def to_markdown(lines: List[dict], title: str = "Benchmark summary") -> str:
     return "\n".join(out) + "\n"
 
 
+def failed_cases(rows: List[dict]) -> List[str]:
+    """"op provider mode shape dtype device" of every case recorded as failed."""
+    return [" ".join(r[f] for f in ("op", "provider", "mode", "shape", "dtype", "device"))
+            for r in rows if r["metric"] == "failed"]
+
+
+def report(rows: List[dict], auto_lookup: Optional[AutoLookup] = None, title: str = "Benchmark summary") -> str:
+    """The summary table of ``rows``, then the cases that failed (see the run's log)."""
+    text = to_markdown(summarize(rows, auto_lookup or suite_auto_lookup()), title=title)
+    failed = failed_cases(rows)
+    text += f"\n{len(failed)} case(s) failed" + (" (the reason is in the run's output):\n" if failed else ".\n")
+    return text + "".join(f"- {case}\n" for case in failed)
+
+
 def write_summary(rows: List[dict], out_dir: str, auto_lookup: Optional[AutoLookup] = None) -> str:
     from unlearn_fast.bench.harness import write_atomic_text
 
-    path = os.path.join(out_dir, "summary.md")
-    return write_atomic_text(path, to_markdown(summarize(rows, auto_lookup or suite_auto_lookup())))
+    return write_atomic_text(os.path.join(out_dir, "summary.md"), report(rows, auto_lookup))
