@@ -177,12 +177,12 @@ def test_recorder_write_round_trips_and_merges(tmp_path):
     # a bench.json that is not ours is neither merged nor overwritten
     other = tmp_path / "other"
     other.mkdir()
-    (other / "bench.json").write_text('{"not": "rows"}')
+    (other / "bench.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="move it away or choose another --out"):
         second.write(str(other), plot=False)
     with pytest.raises(ValueError, match="not a bench.json"):
         harness.check_out_dir(str(other))
-    assert (other / "bench.json").read_text() == '{"not": "rows"}'
+    assert (other / "bench.json").read_text() == "[1, 2]"
 
 
 # --------------------------------------------------------------------------- plots

@@ -26,7 +26,7 @@ def run_bench(args) -> int:
     from unlearn_fast.bench.harness import Recorder, check_out_dir, set_malloc_policy
 
     if args.out:
-        check_out_dir(args.out)  # a folder we could not write into fails now, not after the run
+        check_out_dir(args.out)  # a bench.json we could not merge into fails now, not after the run
     device = bench_device(args)
     threads = getattr(args, "threads", None)
     if threads is None and args.quick and device == "cpu":

@@ -357,7 +357,7 @@ def _folder_rows(out_dir: str) -> List[dict]:
     try:
         with open(path) as f:
             rows = json.load(f)
-        if not isinstance(rows, list):
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ValueError("not a list of rows")
         validate_rows(rows)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
