@@ -6,7 +6,7 @@ ranks' shards)."""
 import pytest
 import torch
 
-from helpers import one_thread, run_on_gloo_ranks
+from helpers import cpu_backends_for, one_thread, run_on_gloo_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -53,26 +53,52 @@ def test_fsdp_mmunlearner_two_gloo_processes_equal_one(tmp_path):
             assert sum(int(not torch.equal(base[n], w)) for n, w in single["state"].items()) > 0  # it trained
 
 
+def test_global_grad_norm_and_clip_match_torch_on_plain_gradients():
+    """Without sharding (no process group): the float64 norm of every gradient (None
+    skipped, bf16 too), and clipping identical to torch.nn.utils.clip_grad_norm_."""
+    from unlearn_fast.methods.fsdp import clip_grad_norm_, global_grad_norm
+
+    grads = [torch.randn(37, 13) * 3, None, (torch.randn(11) * 3).bfloat16()]
+    ref = float(torch.cat([g.double().reshape(-1) for g in grads if g is not None]).norm())
+    assert global_grad_norm(grads) == pytest.approx(ref, rel=1e-12)
+    assert global_grad_norm([None]) == 0.0
+    ours = [torch.nn.Parameter(torch.zeros(37, 13)), torch.nn.Parameter(torch.zeros(5)),
+            torch.nn.Parameter(torch.zeros(11))]
+    ours[0].grad, ours[2].grad = torch.randn(37, 13) * 3, torch.randn(11) * 3
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        b.grad = None if a.grad is None else a.grad.clone()
+    total = clip_grad_norm_(ours, 1.0)
+    assert total == pytest.approx(float(torch.nn.utils.clip_grad_norm_(theirs, 1.0)), rel=1e-6) and total > 1
+    for a, b in zip(ours, theirs):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+
+
 def test_transform_total_norm_clips_shards_like_the_whole():
     """transform_gradients_(shards, total_norm=global norm) == the single-list transform, sliced."""
     from unlearn_fast.saliency import BitMask, transform_gradients_
 
-    g = [torch.randn(37, 13, dtype=torch.float64) * 3, torch.randn(11, dtype=torch.float64) * 3]
-    m = [torch.rand(37, 13) > 0.4, torch.rand(11) > 0.4]
-    f = [torch.rand(37, 13, dtype=torch.float64), torch.rand(11, dtype=torch.float64)]
-    for mode in ("mask", "geometry"):
-        whole = [t.clone() for t in g]
-        res = transform_gradients_(whole, BitMask.from_dense(m), mode, f if mode == "geometry" else None, 0.5,
-                                   max_norm=1.0)
-        total = float(torch.cat([t.reshape(-1) for t in g]).norm())
-        assert float(res.total_norm) == pytest.approx(total, rel=1e-12) and float(res.clip_coef) < 1
-        for lo, hi in ((0, 20), (20, 37)):  # two "ranks", each with its rows of the first tensor
-            shard = [g[0][lo:hi].clone()]
-            out = transform_gradients_(shard, BitMask.from_dense([m[0][lo:hi]]), mode,
-                                       [f[0][lo:hi]] if mode == "geometry" else None, 0.5, max_norm=1.0,
-                                       total_norm=total)
-            torch.testing.assert_close(shard[0], whole[0][lo:hi], rtol=1e-12, atol=0)
-            assert float(out.clip_coef) == pytest.approx(float(res.clip_coef), rel=1e-12)
+    # float64: the eager reference; float32: every fused CPU backend too
+    cases = [(torch.float64, "auto", 1e-12)] + [(torch.float32, b, 1e-5) for b in cpu_backends_for("saliency")]
+    for dtype, backend, rel in cases:
+        g = [torch.randn(37, 13, dtype=dtype) * 3, torch.randn(11, dtype=dtype) * 3]
+        m = [torch.rand(37, 13) > 0.4, torch.rand(11) > 0.4]
+        f = [torch.rand(37, 13, dtype=dtype), torch.rand(11, dtype=dtype)]
+        for mode in ("mask", "geometry"):
+            whole = [t.clone() for t in g]
+            res = transform_gradients_(whole, BitMask.from_dense(m), mode, f if mode == "geometry" else None, 0.5,
+                                       max_norm=1.0, backend=backend)
+            total = float(torch.cat([t.reshape(-1) for t in g]).double().norm())
+            assert float(res.total_norm) == pytest.approx(total, rel=rel) and float(res.clip_coef) < 1
+            for lo, hi in ((0, 20), (20, 37)):  # two "ranks", each with its rows of the first tensor
+                shard = [g[0][lo:hi].clone()]
+                out = transform_gradients_(shard, BitMask.from_dense([m[0][lo:hi]]), mode,
+                                           [f[0][lo:hi]] if mode == "geometry" else None, 0.5, max_norm=1.0,
+                                           total_norm=total, backend=backend)
+                torch.testing.assert_close(shard[0], whole[0][lo:hi], rtol=rel, atol=0,
+                                           msg=lambda msg: f"{dtype} {backend} {mode}: {msg}")
+                assert float(out.clip_coef) == pytest.approx(float(res.clip_coef), rel=rel)
     with pytest.raises(ValueError, match="total_norm .* needs max_norm"):
         transform_gradients_([g[0].clone()], total_norm=1.0)
     with pytest.raises(ValueError, match="cannot be combined with project_out"):

@@ -780,21 +780,14 @@ def transform_gradients_(grads, mask=None, mode: str = "mask", preserve_fisher=N
     dtypes = {t.dtype for t in g}
     names = {d: _resolve(backend, d, dtypes) for d in devices}
     with torch.no_grad():
-        if total_norm is not None:  # sharded: clip by the global norm first, then the local transform
-            clip = torch.clamp(torch.tensor(max_norm / (total_norm + K.CLIP_EPS), dtype=torch.float64), max=1.0)
-            for t in g:
-                t.mul_(clip.to(t.dtype))
-            transform_gradients_(g, mask, mode, preserve_fisher, lam, None, None, backend=backend)
-            home = g[0].device
-            return GradientTransform(torch.tensor(total_norm, dtype=torch.float64, device=home), clip.to(home), None)
         if any(n == "eager" for n in names.values()):
             dense = [d.float() for d in BitMask(words, [t.shape for t in g]).to_dense()] if words else None
-            total, clip, proj = K.reference_transform_(g, dense, preserve, lam, retain, max_norm)
+            total, clip, proj = K.reference_transform_(g, dense, preserve, lam, retain, max_norm, total_norm)
             return GradientTransform(total, clip, proj)
-        return _fused_transform(g, words, preserve, lam, retain, max_norm, names)
+        return _fused_transform(g, words, preserve, lam, retain, max_norm, names, total_norm)
 
 
-def _fused_transform(g, words, preserve, lam, retain, max_norm, names) -> GradientTransform:
+def _fused_transform(g, words, preserve, lam, retain, max_norm, names, total_norm=None) -> GradientTransform:
     # In-place kernels need contiguous gradients: work on copies of the others.
     work = [t if t.is_contiguous() else t.contiguous() for t in g]
     plans = []
@@ -808,7 +801,11 @@ def _fused_transform(g, words, preserve, lam, retain, max_norm, names) -> Gradie
     home = g[0].device
     total = clip = proj = None
     coef = torch.tensor([1.0, 0.0], dtype=torch.float32, device=home)
-    if max_norm is not None or retain is not None:
+    if total_norm is not None:  # the whole (sharded) gradient's norm is given: no reduction pass
+        total = torch.tensor(total_norm, dtype=torch.float64, device=home)
+        clip = torch.clamp(max_norm / (total + K.CLIP_EPS), max=1.0)
+        coef = torch.stack([clip, torch.zeros_like(clip)]).to(torch.float32)
+    elif max_norm is not None or retain is not None:
         sums = torch.zeros(3, dtype=torch.float64, device=home)
         for dev, ops, idx, gw, ww, pw, rw in plans:
             sums = sums + ops.transform_reduce(gw, ww, pw, rw, lam).to(home)

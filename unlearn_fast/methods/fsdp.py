@@ -117,20 +117,22 @@ def global_grad_norm(grads: Iterable[Optional[torch.Tensor]]) -> float:
     """The 2-norm of the whole gradient over a mix of sharded (DTensor: this rank's shard,
     squared sums all-reduced) and replicated tensors (identical on every rank after the
     trainer's all-reduce: counted once).  A collective when a process group exists."""
-    grads = [g for g in grads if g is not None]
-    sharded = torch.zeros((), dtype=torch.float64)
-    plain = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        if is_sharded(g):
-            sharded += g.to_local().detach().double().pow(2).sum().cpu()
-        else:
-            plain += g.detach().double().pow(2).sum().cpu()
+    grads = [g.detach() for g in grads if g is not None]
+    dev = grads[0].device if grads and grads[0].device.type == "cuda" else torch.device("cpu")
+    sharded = _sum_of_squares([g.to_local() for g in grads if is_sharded(g)], dev)
+    plain = _sum_of_squares([g for g in grads if not is_sharded(g)], dev)
     if torch.distributed.is_initialized():
-        dev = grads[0].device if grads and grads[0].device.type == "cuda" else torch.device("cpu")
-        sharded = sharded.to(dev)
         torch.distributed.all_reduce(sharded)
-        sharded = sharded.cpu()
-    return float((sharded + plain).sqrt())
+    return float((sharded + plain).sqrt())  # the one host sync
+
+
+def _sum_of_squares(tensors: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of the squared entries of ``tensors`` as a float64 scalar on ``device``: one
+    foreach norm pass (norms in float64 whatever the dtype), no host sync."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+    return torch.stack([n.to(device) for n in norms]).square().sum()
 
 
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> float:
@@ -140,8 +142,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> float:
     total = global_grad_norm([p.grad for p in params])
     coef = min(1.0, max_norm / (total + 1e-6))
     if coef < 1.0:
-        for p in params:
-            p.grad.mul_(coef)
+        torch._foreach_mul_([local(p.grad) for p in params], coef)
     return total
 
 

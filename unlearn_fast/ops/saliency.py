@@ -169,15 +169,19 @@ def reference_topk_bits(scores: Tensors, k: int) -> Tensors:
 
 def reference_transform_(grads: Tensors, dense_masks: Optional[Sequence[torch.Tensor]],
                          preserve: Optional[Tensors], lam: float, retain: Optional[Tensors],
-                         max_norm: Optional[float]):
+                         max_norm: Optional[float], total_norm: Optional[float] = None):
     """The papers' per-parameter code: clip by the global norm (torch's clip_grad_norm_
-    formula, in the gradients' dtype), multiply each gradient by its float mask, divide by
+    formula, in the gradients' dtype; ``total_norm``, when given, is that norm: the grads
+    are one rank's shards), multiply each gradient by its float mask, divide by
     (F_p + lam) for the geometry mode, then subtract the projection onto the retain
     gradient.  In place; returns (total_norm, clip_coef, proj_coef) as tensors or None."""
     total = clip = proj = None
     if max_norm is not None:
-        norms = [torch.linalg.vector_norm(g, 2) for g in grads]
-        total = torch.linalg.vector_norm(torch.stack(norms), 2) if norms else torch.zeros(())
+        if total_norm is not None:
+            total = torch.tensor(total_norm, dtype=torch.float64, device=grads[0].device)
+        else:
+            norms = [torch.linalg.vector_norm(g, 2) for g in grads]
+            total = torch.linalg.vector_norm(torch.stack(norms), 2) if norms else torch.zeros(())
         clip = torch.clamp(max_norm / (total + CLIP_EPS), max=1.0)
         for g in grads:
             g.mul_(clip.to(g.dtype))
