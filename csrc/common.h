@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "buffer_cache.h"
 #include "cpu/simd_math.h"
 
 namespace uf {
@@ -71,15 +72,19 @@ inline void store_row(const double* src, int64_t n, double* dst) {
 }
 
 // An uninitialised CPU tensor for a large output that the caller writes in full right
-// away (a gradient).  Fresh memory costs one page fault per 4 KiB page on first touch;
-// on the benchmark VM that is ~400 ms for a 250 MB gradient, more than computing it.
+// away (a gradient, or a chunk buffer that a GEMM overwrites).  Fresh memory costs one
+// page fault per 4 KiB page on first touch; on the benchmark VM that is ~400 ms for a
+// 250 MB gradient, more than computing it.
 // Above 8 MiB the buffer is 2 MiB-aligned anonymous memory advised for transparent huge
 // pages (MADV_HUGEPAGE, honoured when THP is "madvise" or "always"): 512x fewer faults.
-// The same resident memory as at::empty (where THP is off the advice is ignored and the
-// buffer has ordinary pages); at::empty when mmap fails or off Linux.  The tensor owns
-// the mapping (from_blob with an munmap deleter), so it cannot be resized in place.  The
-// mapping and its release are reported to torch.profiler's memory profiling, as torch's own
-// CPU allocator reports its blocks, so tensor-level peaks (bench/harness.py) include it.
+// When the tensor dies its mapping goes to the buffer cache (buffer_cache.h), and the
+// next request of the same length reuses it with no faults at all: on VMs that report
+// free memory to the host even huge-page faults are slow.  The same resident memory as
+// at::empty (where THP is off the advice is ignored and the buffer has ordinary pages);
+// at::empty when mmap fails or off Linux.  The tensor owns the mapping (from_blob with a
+// deleter), so it cannot be resized in place.  Taking and releasing the buffer are
+// reported to torch.profiler's memory profiling, as torch's own CPU allocator reports its
+// blocks, so tensor-level peaks (bench/harness.py) include it and leave the cache out.
 inline at::Tensor empty_for_full_write(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHuge = size_t(2) << 20;
@@ -88,18 +93,27 @@ inline at::Tensor empty_for_full_write(at::IntArrayRef sizes, const at::TensorOp
   const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
   if (options.device().is_cpu() && nbytes >= (size_t(8) << 20)) {
     const size_t len = (nbytes + kHuge - 1) / kHuge * kHuge + kHuge;  // room to align
-    void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base != MAP_FAILED) {
-      const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
-      void* data = reinterpret_cast<void*>(aligned);
-      madvise(data, len - (aligned - reinterpret_cast<uintptr_t>(base)), MADV_HUGEPAGE);
+    const auto align = [](void* base) {
+      return (reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
+    };
+    buffer_cache::Mapping m = buffer_cache::take(len);
+    if (m.base == nullptr) {
+      void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (base != MAP_FAILED) {
+        m = buffer_cache::Mapping{base, len};
+        madvise(reinterpret_cast<void*>(align(base)), len - (align(base) - reinterpret_cast<uintptr_t>(base)),
+                MADV_HUGEPAGE);
+      }
+    }
+    if (m.base != nullptr) {
+      void* data = reinterpret_cast<void*>(align(m.base));
       const auto bytes = static_cast<int64_t>(nbytes);
       c10::reportMemoryUsageToProfiler(data, bytes, 0, 0, c10::Device(c10::kCPU));
       return at::from_blob(
           data, sizes,
-          [base, len, bytes](void* ptr) {
+          [m, bytes](void* ptr) {
             c10::reportMemoryUsageToProfiler(ptr, -bytes, 0, 0, c10::Device(c10::kCPU));
-            munmap(base, len);
+            buffer_cache::give(m);
           },
           options);
     }

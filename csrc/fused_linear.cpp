@@ -134,13 +134,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lin
   at::Tensor rows = at::empty({N}, f32);
   at::Tensor stats = at::empty({N, kDmkStats}, f32);
   at::Tensor gh = grad_hidden ? at::empty_like(x.sh) : at::empty({0}, x.sh.options());
-  // float32 accumulators (for a float32 weight, the returned gradient itself)
-  at::Tensor gw = grad_weight ? at::zeros({V, H}, f32) : at::empty({0}, f32);
+  // float32 accumulator, not zero-filled (for a float32 weight, the returned gradient itself)
+  WeightGradAccumulator gw{grad_weight ? empty_for_full_write({V, H}, f32) : at::empty({0}, f32)};
   at::Tensor gb = grad_bias ? at::zeros({V}, f32) : at::empty({0}, f32);
   const bool any_grad = grad_hidden || grad_weight || grad_bias;
   const int64_t C = std::min(chunk_size, std::max<int64_t>(N, 1));
-  at::Tensor sbuf = at::empty({C, V}, x.sh.options());
-  at::Tensor tbuf = at::empty({C, V}, x.sh.options());
+  at::Tensor sbuf = empty_for_full_write({C, V}, x.sh.options());
+  at::Tensor tbuf = empty_for_full_write({C, V}, x.sh.options());
   // the forward's gradient rows are those of the plain row sum: grad_output 1 per row
   std::vector<float> ones(any_grad ? C : 0, 1.f);
   const float inv_t = static_cast<float>(inv_temperature);
@@ -167,11 +167,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lin
       at::Tensor ghc = gh.narrow(0, c0, n);
       chunk_grad_hidden(ghc, s, x.sw);
     }
-    if (grad_weight) add_weight_grad(gw, s, hc);
+    if (grad_weight) gw.add(s, hc);
     if (grad_bias) add_bias_grad(gb, s);
   }
   const auto wtype = x.sw.scalar_type();
-  return {rows, stats, gh, grad_weight ? from_float32(gw, wtype) : gw, grad_bias ? from_float32(gb, wtype) : gb};
+  return {rows, stats, gh, gw.result(wtype), grad_bias ? from_float32(gb, wtype) : gb};
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_linear_dmk_bwd_cpu(
@@ -193,12 +193,12 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_dmk_bwd_cpu(
   const float* ks = optional_mask_ptr(token_mask, N, "token_mask");
   const float* kv = optional_mask_ptr(vocab_mask, V, "vocab_mask");
   auto f32 = x.sh.options().dtype(at::kFloat);
-  at::Tensor gw = grad_weight ? at::zeros({V, H}, f32) : at::empty({0}, f32);
+  WeightGradAccumulator gw{grad_weight ? empty_for_full_write({V, H}, f32) : at::empty({0}, f32)};
   at::Tensor gb = grad_bias ? at::zeros({V}, f32) : at::empty({0}, f32);
   if (grad_weight || grad_bias) {
     const int64_t C = std::min(chunk_size, std::max<int64_t>(N, 1));
-    at::Tensor sbuf = at::empty({C, V}, x.sh.options());
-    at::Tensor tbuf = at::empty({C, V}, x.sh.options());
+    at::Tensor sbuf = empty_for_full_write({C, V}, x.sh.options());
+    at::Tensor tbuf = empty_for_full_write({C, V}, x.sh.options());
     const float* go = grad_rows.data_ptr<float>();
     const float inv_t = static_cast<float>(inv_temperature);
     for (int64_t c0 = 0; c0 < N; c0 += C) {
@@ -214,12 +214,12 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_dmk_bwd_cpu(
                                  ks == nullptr ? nullptr : ks + c0, kv, inv_t, false, nullptr, nullptr,
                                  stats.data_ptr<float>() + kDmkStats * c0, go + c0);
       });
-      if (grad_weight) add_weight_grad(gw, s, hc);
+      if (grad_weight) gw.add(s, hc);
       if (grad_bias) add_bias_grad(gb, s);
     }
   }
   const auto wtype = x.sw.scalar_type();
-  return {grad_weight ? from_float32(gw, wtype) : gw, grad_bias ? from_float32(gb, wtype) : gb};
+  return {gw.result(wtype), grad_bias ? from_float32(gb, wtype) : gb};
 }
 
 }  // namespace

@@ -77,16 +77,22 @@ inline void chunk_grad_hidden(at::Tensor& grad_hc, const at::Tensor& g, const at
 // accumulated in float32 (a (kWeightGradSlab, H) temporary: 28 MiB at H = 3584).
 constexpr int64_t kWeightGradSlab = 4096;
 
-// grad_weight32 (V, H) float32 += g (n, V)^T @ hc (n, H).
+// grad_weight32 (V, H) float32 += g (n, V)^T @ hc (n, H); with overwrite, = instead of +=
+// (the accumulator's first chunk: its old contents are never read, so it needs no zero fill).
 //
 // float32 g: one addmm into the accumulator.  bfloat16/float16 g: the GEMM runs in the
 // low precision (float32 accumulation inside the GEMM, one rounding of each chunk's
 // partial product) on slabs of the vocabulary, and the partial products are summed
 // in float32 across chunks: summing the chunks in bfloat16 would drift with their
 // number, and a float32 GEMM would be 2-4x slower.
-inline void add_weight_grad(at::Tensor& grad_weight32, const at::Tensor& g, const at::Tensor& hc) {
+inline void add_weight_grad(at::Tensor& grad_weight32, const at::Tensor& g, const at::Tensor& hc,
+                            bool overwrite = false) {
   if (g.scalar_type() == at::kFloat) {
-    grad_weight32.addmm_(g.t(), hc);
+    if (overwrite) {
+      at::mm_out(grad_weight32, g.t(), hc);
+    } else {
+      grad_weight32.addmm_(g.t(), hc);
+    }
     return;
   }
   const int64_t V = g.size(1), H = hc.size(1);
@@ -95,9 +101,38 @@ inline void add_weight_grad(at::Tensor& grad_weight32, const at::Tensor& g, cons
     const int64_t n = std::min(kWeightGradSlab, V - v0);
     at::Tensor p = part.narrow(0, 0, n);
     at::mm_out(p, g.narrow(1, v0, n).t(), hc);
-    grad_weight32.narrow(0, v0, n).add_(p);
+    at::Tensor dst = grad_weight32.narrow(0, v0, n);
+    if (overwrite) {
+      dst.copy_(p);
+    } else {
+      dst.add_(p);
+    }
   }
 }
+
+// The float32 (V, H) weight-gradient accumulator of a chunk loop over the tokens.  It is
+// never zero-filled up front: the first chunk that contributes overwrites it, the later
+// ones add to it, and result() zero-fills it only if no chunk contributed (every token
+// ignored).  A zero fill is a whole extra write of the buffer (0.5 GB at LLaVA's head,
+// where one chunk of 64 tokens costs about as much GEMM time), and the CPU loops take the
+// buffer from empty_for_full_write (common.h), whose cache hands the same pages back every
+// training step.  `grad` empty: no weight gradient was requested.
+struct WeightGradAccumulator {
+  at::Tensor grad;
+  bool started = false;
+
+  void add(const at::Tensor& g, const at::Tensor& hc) {
+    add_weight_grad(grad, g, hc, /*overwrite=*/!started);
+    started = true;
+  }
+
+  // The gradient in the weight's dtype (float32: the accumulator itself).
+  at::Tensor result(at::ScalarType weight_dtype) {
+    if (grad.numel() == 0) return grad;
+    if (!started) grad.zero_();
+    return grad.scalar_type() == weight_dtype ? grad : grad.to(weight_dtype);
+  }
+};
 
 // grad_bias32 (V,) float32 += column sums of g (n, V), summed in float32.
 inline void add_bias_grad(at::Tensor& grad_bias32, const at::Tensor& g) {

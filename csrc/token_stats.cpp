@@ -163,11 +163,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto [lp, st, am] = alloc_stats(hidden, N);
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor gh = grad_hidden ? at::empty_like(hidden) : at::empty({0}, hidden.options());
-  at::Tensor gw = grad_weight ? at::zeros({V, H}, f32) : at::empty({0}, f32);  // float32 accumulators
+  WeightGradAccumulator gw{grad_weight ? empty_for_full_write({V, H}, f32) : at::empty({0}, f32)};
   at::Tensor gb = grad_bias ? at::zeros({V}, f32) : at::empty({0}, f32);
   const bool any_grad = grad_hidden || grad_weight || grad_bias;
   const int64_t C = std::min(chunk_size, std::max<int64_t>(N, 1));
-  at::Tensor buf = at::empty({C, V}, hidden.options());
+  at::Tensor buf = empty_for_full_write({C, V}, hidden.options());
   std::vector<float> ones(any_grad && rw == nullptr ? C : 0, 1.f);
   const int64_t* tg = targets.data_ptr<int64_t>();
   for (int64_t c0 = 0; c0 < N; c0 += C) {
@@ -193,11 +193,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::Tensor ghc = gh.narrow(0, c0, n);
       chunk_grad_hidden(ghc, out, weight);
     }
-    if (grad_weight) add_weight_grad(gw, out, hc);
+    if (grad_weight) gw.add(out, hc);
     if (grad_bias) add_bias_grad(gb, out);
   }
   const auto wtype = weight.scalar_type();
-  return {lp, st, am, gh, grad_weight ? from_float32(gw, wtype) : gw, grad_bias ? from_float32(gb, wtype) : gb};
+  return {lp, st, am, gh, gw.result(wtype), grad_bias ? from_float32(gb, wtype) : gb};
 }
 
 // Backward for an arbitrary per-token grad_output: recomputes each chunk's logits, forms
@@ -219,10 +219,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
   TORCH_CHECK(!need_grad_bias || has_tensor(bias), fn, ": grad_bias without a bias");
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor gh = need_grad_hidden ? at::empty_like(hidden) : at::empty({0}, hidden.options());
-  at::Tensor gw = need_grad_weight ? at::zeros({V, H}, f32) : at::empty({0}, f32);  // float32 accumulators
+  WeightGradAccumulator gw{need_grad_weight ? empty_for_full_write({V, H}, f32) : at::empty({0}, f32)};
   at::Tensor gb = need_grad_bias ? at::zeros({V}, f32) : at::empty({0}, f32);
   const int64_t C = std::min(chunk_size, std::max<int64_t>(N, 1));
-  at::Tensor buf = at::empty({C, V}, hidden.options());
+  at::Tensor buf = empty_for_full_write({C, V}, hidden.options());
   const int64_t* tg = targets.data_ptr<int64_t>();
   const float* go = grad.data_ptr<float>();
   for (int64_t c0 = 0; c0 < N; c0 += C) {
@@ -239,11 +239,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
       at::Tensor ghc = gh.narrow(0, c0, n);
       chunk_grad_hidden(ghc, out, weight);
     }
-    if (need_grad_weight) add_weight_grad(gw, out, hc);
+    if (need_grad_weight) gw.add(out, hc);
     if (need_grad_bias) add_bias_grad(gb, out);
   }
   const auto wtype = weight.scalar_type();
-  return {gh, need_grad_weight ? from_float32(gw, wtype) : gw, need_grad_bias ? from_float32(gb, wtype) : gb};
+  return {gh, gw.result(wtype), need_grad_bias ? from_float32(gb, wtype) : gb};
 }
 
 }  // namespace

@@ -111,6 +111,23 @@ def test_tensor_peak_memory_sees_the_native_kernels_buffers():
     assert harness.tensor_peak_memory(dmk_grad, "cpu") >= student.numel() * 4
 
 
+def test_rss_peak_counts_a_gradient_the_buffer_cache_would_reuse():
+    """After a warm-up the DMK gradient's mapping sits in the C++ buffer cache; reusing it
+    would not raise the RSS, so the RSS peak must empty the cache first."""
+    from unlearn_fast import backends, dual_masked_kl
+
+    if not backends.availability("cpp").available:
+        pytest.skip(backends.availability("cpp").reason)
+    student = torch.randn(256, 3 * 4096).requires_grad_()  # a 12 MiB gradient
+    teacher = torch.randn(256, 3 * 4096)
+
+    def dmk_grad():
+        return torch.autograd.grad(dual_masked_kl(student, teacher, backend="cpp"), student)[0]
+
+    dmk_grad()
+    assert harness.peak_memory(dmk_grad, "cpu") >= 0.9 * student.numel() * 4
+
+
 # --------------------------------------------------------------------------- schema and files
 def _row(**over):
     row = dict(op="dual_masked_kl", provider="eager", mode="fwd", shape="N=8,V=16", dtype="float32", device="cpu",

@@ -1,6 +1,7 @@
 """unlearn_fast: fused kernels and end-to-end methods for machine unlearning of
 multimodal models (SIU, MMUnlearner, MultiDelete and the GA/NPO family)."""
 from unlearn_fast.backends import BackendUnavailableError
+from unlearn_fast.memory import cpu_buffer_cache_info, empty_cpu_buffer_cache, set_cpu_buffer_cache_limit
 from unlearn_fast.ops.dual_masked_kl import DualMaskedKLDivLoss, build_vocab_mask, dual_masked_kl
 from unlearn_fast.ops.fused_linear import FusedLinearDualMaskedKLDivLoss, fused_linear_dual_masked_kl
 from unlearn_fast.ops.losses import (CrossEntropyLoss, GradientAscentLoss, LinearCrossEntropyLoss, NPOLoss,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "cpu_buffer_cache_info", "empty_cpu_buffer_cache", "set_cpu_buffer_cache_limit",
     "DualMaskedKLDivLoss",
     "dual_masked_kl", "build_vocab_mask",
     "fused_linear_dual_masked_kl", "FusedLinearDualMaskedKLDivLoss",

@@ -41,7 +41,9 @@ def _cmd_info(args) -> int:
     native = backends.native_cpu()
     if native is not None:
         bi = native.build_info()
-        print(f"C++ extension: openmp={bi['openmp']} threads={bi['openmp_threads']} simd={bi['simd']}")
+        cache = native.buffer_cache_stats()
+        print(f"C++ extension: openmp={bi['openmp']} threads={bi['openmp_threads']} simd={bi['simd']} "
+              f"buffer cache limit={cache['limit_bytes'] / 2**20:.0f} MiB (unlearn_fast.memory)")
     native_cuda = backends.native_cuda()
     if native_cuda is not None:
         ci = native_cuda.build_info()

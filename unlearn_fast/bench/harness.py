@@ -25,6 +25,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from unlearn_fast.memory import empty_cpu_buffer_cache
+
 SCHEMA_FIELDS = ("op", "provider", "mode", "shape", "dtype", "device", "metric", "value", "version", "timestamp")
 
 
@@ -189,6 +191,9 @@ class _RssSampler:
         set_malloc_policy("rss")
         gc.collect()
         _release_free_heap()
+        # Buffers the C++ kernels cached from earlier calls would be reused without raising
+        # the RSS: a fused op's gradient would read as 0 bytes.
+        empty_cpu_buffer_cache()
         self.base = _rss_bytes()
         self.peak = self.base
         self._thread = threading.Thread(target=self._run, daemon=True)
