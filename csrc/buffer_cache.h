@@ -10,8 +10,9 @@
 // (up to a byte limit) and handed out again: a reused buffer has no page faults at all.
 //
 // The cache holds memory no tensor uses, as torch's CUDA caching allocator does; it is
-// bounded by the limit (default 1 GiB, env UNLEARN_FAST_CPU_CACHE_MB, or
-// set_limit), the least recently freed mappings go first, and empty() unmaps everything.
+// bounded by the limit (default 1 GiB, env UNLEARN_FAST_CPU_CACHE_MB, or set_limit); a
+// buffer larger than a quarter of the limit is never kept (with the default, none above
+// 256 MiB); the least recently freed mappings go first, and empty() unmaps everything.
 // Python: unlearn_fast.cpu_buffer_cache_info / empty_cpu_buffer_cache /
 // set_cpu_buffer_cache_limit.
 #pragma once
@@ -34,8 +35,8 @@ struct Stats {
 // A cached mapping of exactly `len` bytes (the caller rounds lengths, so one size of tensor
 // always asks for one length), or {nullptr, 0} when none is cached.
 Mapping take(size_t len);
-// Keep `m` for reuse, or unmap it when it does not fit under the limit; evicts the least
-// recently freed mappings to make room.
+// Keep `m` for reuse, or unmap it when it is larger than a quarter of the limit; evicts the
+// least recently freed mappings to make room.
 void give(Mapping m);
 void empty();
 void set_limit(int64_t bytes);

@@ -86,17 +86,34 @@ def test_limit_zero_keeps_nothing():
     assert uf.cpu_buffer_cache_info()["cached_bytes"] == 0
 
 
-def test_the_least_recently_freed_buffer_is_evicted_first():
-    small = _dmk_grad(*_dmk_inputs(n=64), backend="cpp")      # 8 MiB
-    large = _dmk_grad(*_dmk_inputs(n=96), backend="cpp")      # 12 MiB
-    del small
-    small_mapping = uf.cpu_buffer_cache_info()["cached_bytes"]
-    uf.set_cpu_buffer_cache_limit(small_mapping + 5 * MIB)  # room for either mapping, not both
-    del large
+def test_the_least_recently_freed_buffers_are_evicted_first():
+    # mapping lengths: an 8 MiB gradient maps 10 MiB, a 12 MiB one 14 MiB (2 MiB for alignment)
+    uf.set_cpu_buffer_cache_limit(56 * MIB)  # a quarter: 14 MiB, so both sizes may be kept
+    smalls = [_dmk_grad(*_dmk_inputs(n=64), backend="cpp") for _ in range(5)]
+    large = _dmk_grad(*_dmk_inputs(n=96), backend="cpp")
+    smalls.clear()
+    assert uf.cpu_buffer_cache_info()["cached_bytes"] == 50 * MIB
+    del large  # 50 + 14 > 56: the oldest small one goes
     info = uf.cpu_buffer_cache_info()
-    assert info["cached_buffers"] == 1 and info["cached_bytes"] > small_mapping  # the large one stayed
-    uf.set_cpu_buffer_cache_limit(info["cached_bytes"] - 1)  # lowering the limit unmaps now
+    assert info["cached_buffers"] == 5 and info["cached_bytes"] == 54 * MIB
+    before = uf.cpu_buffer_cache_info()
+    reused = [_dmk_grad(*_dmk_inputs(n=64), backend="cpp") for _ in range(5)]  # 4 kept: 4 hits, 1 miss
+    after = uf.cpu_buffer_cache_info()
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (4, 1)
+    del reused
+    uf.set_cpu_buffer_cache_limit(13 * MIB)  # lowering the limit unmaps down to it now
+    assert uf.cpu_buffer_cache_info()["cached_bytes"] <= 13 * MIB
+
+
+def test_a_buffer_above_a_quarter_of_the_limit_is_not_kept():
+    uf.set_cpu_buffer_cache_limit(39 * MIB)  # a quarter is 9.75 MiB, under the 10 MiB mapping
+    grad = _dmk_grad(*_dmk_inputs(), backend="cpp")
+    del grad
     assert uf.cpu_buffer_cache_info()["cached_bytes"] == 0
+    uf.set_cpu_buffer_cache_limit(40 * MIB)
+    grad = _dmk_grad(*_dmk_inputs(), backend="cpp")
+    del grad
+    assert uf.cpu_buffer_cache_info()["cached_bytes"] == 10 * MIB
 
 
 def test_empty_gives_everything_back():

@@ -9,8 +9,10 @@ slow and their cost varies from run to run: the 32 MiB gradient of a DMK backwar
 
 Like torch's CUDA caching allocator, the cache holds memory that no tensor uses.  It is
 bounded: 1 GiB by default, ``UNLEARN_FAST_CPU_CACHE_MB`` in the environment (read when the
-extension loads) or :func:`set_cpu_buffer_cache_limit`; 0 turns it off.  The least recently
-freed buffers are unmapped first.  torch.profiler's memory events (and
+extension loads) or :func:`set_cpu_buffer_cache_limit`; 0 turns it off.  A buffer larger
+than a quarter of the limit is never kept (by default none above 256 MiB: a cached 0.5 GB
+weight gradient would sit in the peak of every later allocation of a training step), and
+the least recently freed buffers are unmapped first.  torch.profiler's memory events (and
 ``unlearn_fast.bench.harness.tensor_peak_memory``) count a buffer while a tensor holds it,
 not while it is cached.  Without the C++ extension these functions do nothing.
 
@@ -49,8 +51,9 @@ def empty_cpu_buffer_cache() -> None:
 
 
 def set_cpu_buffer_cache_limit(nbytes: int) -> None:
-    """Keep at most ``nbytes`` of freed buffers (0: none, every buffer is unmapped when its
-    tensor dies); buffers beyond the new limit are unmapped now."""
+    """Keep at most ``nbytes`` of freed buffers, each at most ``nbytes // 4`` (0: none,
+    every buffer is unmapped when its tensor dies); buffers beyond the new limit are
+    unmapped now."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, int):
         raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
     if nbytes < 0:
