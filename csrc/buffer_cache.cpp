@@ -1,6 +1,7 @@
 // The process-wide cache of freed output mappings (see buffer_cache.h for why).
 #include "buffer_cache.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <deque>
 #include <iterator>
@@ -27,6 +28,8 @@ int64_t default_limit() {
     char* end = nullptr;
     const long long mb = std::strtoll(env, &end, 10);
     if (end != env && *end == '\0' && mb >= 0) return static_cast<int64_t>(mb) << 20;
+    std::fprintf(stderr, "unlearn_fast: ignoring UNLEARN_FAST_CPU_CACHE_MB=%s (expected a whole number of MiB >= 0); "
+                         "the CPU buffer cache keeps its default limit of 1024 MiB\n", env);
   }
   return int64_t(1) << 30;
 }

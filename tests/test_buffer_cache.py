@@ -131,11 +131,12 @@ def test_set_limit_rejects_bad_values(bad, error):
 
 
 def test_environment_sets_the_limit():
+    import os
     import subprocess
     import sys
 
     code = "import unlearn_fast as uf; print(uf.cpu_buffer_cache_info()['limit_bytes'])"
-    env = dict(__import__("os").environ, UNLEARN_FAST_CPU_CACHE_MB="3")
+    env = dict(os.environ, UNLEARN_FAST_CPU_CACHE_MB="3")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) == 3 * MIB
 
@@ -189,3 +190,15 @@ def test_fused_linear_dmk_weight_gradient_on_a_dirty_reused_buffer():
                                rtol=1e-4, atol=1e-6)
     nothing_kept = grad(torch.zeros(48), "cpp")
     assert torch.count_nonzero(nothing_kept) == 0
+
+
+def test_a_bad_environment_value_warns_and_keeps_the_default():
+    import os
+    import subprocess
+    import sys
+
+    code = "import unlearn_fast as uf; print(uf.cpu_buffer_cache_info()['limit_bytes'])"
+    env = dict(os.environ, UNLEARN_FAST_CPU_CACHE_MB="lots")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) == 1024 * MIB
+    assert "ignoring UNLEARN_FAST_CPU_CACHE_MB=lots" in out.stderr
