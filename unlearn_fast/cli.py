@@ -29,6 +29,7 @@ def _cmd_info(args) -> int:
     import torch
 
     from unlearn_fast import __version__, backends
+    from unlearn_fast.memory import cpu_buffer_cache_info
     import unlearn_fast.ops  # noqa: F401  (registers the ops)
     from unlearn_fast.ops import registry_all  # noqa: F401
 
@@ -41,7 +42,7 @@ def _cmd_info(args) -> int:
     native = backends.native_cpu()
     if native is not None:
         bi = native.build_info()
-        cache = native.buffer_cache_stats()
+        cache = cpu_buffer_cache_info()
         print(f"C++ extension: openmp={bi['openmp']} threads={bi['openmp_threads']} simd={bi['simd']} "
               f"buffer cache limit={cache['limit_bytes'] / 2**20:.0f} MiB (unlearn_fast.memory)")
     native_cuda = backends.native_cuda()

@@ -1,5 +1,6 @@
-"""The C++ kernels' CPU buffer cache: large outputs (gradients of 8 MiB or more) whose
-tensors have died stay mapped and are handed to the next output of the same size.
+"""The C++ kernels' CPU buffer cache: their large buffers (gradients and chunk buffers of
+8 MiB or more) stay mapped after their tensors die and are handed to the next request of
+the same size.
 
 Why: a training loop frees and re-requests the same gradient sizes every step, and fresh
 memory costs page faults on first touch.  On virtual machines that report free memory to the
