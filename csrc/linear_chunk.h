@@ -126,6 +126,19 @@ struct WeightGradAccumulator {
     started = true;
   }
 
+  // Vocabulary-blocked loops (float32): the rows [v0, v0 + vb) of one chunk's
+  // contribution, g_slab (vb, n) the chunk's vocabulary-major gradient slab and hc (n, H)
+  // its hidden states.  A chunk adds all of its blocks, then calls end_chunk().
+  void add_block(int64_t v0, const at::Tensor& g_slab, const at::Tensor& hc) {
+    at::Tensor dst = grad.narrow(0, v0, g_slab.size(0));
+    if (started) {
+      dst.addmm_(g_slab, hc);
+    } else {
+      at::mm_out(dst, g_slab, hc);
+    }
+  }
+  void end_chunk() { started = true; }
+
   // The gradient in the weight's dtype (float32: the accumulator itself).
   at::Tensor result(at::ScalarType weight_dtype) {
     if (grad.numel() == 0) return grad;

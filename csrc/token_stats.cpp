@@ -15,6 +15,9 @@
 #include "cpu/token_stats.h"
 #include "linear_chunk.h"
 
+#include <atomic>
+#include <limits>
+
 namespace uf {
 namespace {
 
@@ -143,6 +146,185 @@ void chunk_gradient_rows(at::Tensor& chunk, const int64_t* tg, int64_t ignore_in
   });
 }
 
+// ---- Vocabulary-blocked loops (float32) ----------------------------------------------
+// Chunks of C tokens, and within a chunk blocks of kVocabSlab vocabulary rows: the GEMM of
+// a block gives a vocabulary-major (vb, n) slab (the fast orientation on the CPU, see
+// linear_chunk.h), the column kernels of cpu/token_stats.h fold it into per-token running
+// statistics, and the next block overwrites it.  The largest buffer is one slab
+// (kVocabSlab x C floats: 4 MiB at C = 256) instead of the (C, V) logits chunk (148 MiB at
+// V = 151,936), with the same GEMMs:
+//   forward without a weight gradient: the logits GEMM, and for the hidden-state gradient
+//     one more (the softmax weights e^(z - m) of each block times W, summed over the
+//     blocks with the online-softmax rescaling, as flash attention sums its values);
+//   backward (the statistics are known): the logits GEMM and the gradient GEMMs, each
+//     block's gradient slab formed exactly as in the unblocked loop.
+// A trainable head's forward with the weight gradient (linear_logprob_sum) cannot be
+// blocked without one more GEMM: the weight gradient of a block needs every token's final
+// softmax normaliser, so it keeps the (C, V) chunk (see linear_fwd_cpu).
+bool use_vocab_blocks(const at::Tensor& hidden) { return hidden.scalar_type() == at::kFloat; }
+
+// Tokens per parallel task of the column kernels (they run down a whole slab per task).
+constexpr int64_t kColumnGrain = 32;
+
+// Per-token running state of one chunk (cpu/token_stats.h, TokenColumnState).
+struct ColumnState {
+  std::vector<float> m, s, a1, a2, s_excl, zt, m_old, factor;
+  std::vector<int64_t> arg;
+  explicit ColumnState(int64_t C)
+      : m(C), s(C), a1(C), a2(C), s_excl(C), zt(C), m_old(C), factor(C), arg(C) {}
+  TokenColumnState reset(int64_t n) {
+    std::fill(m.begin(), m.begin() + n, -std::numeric_limits<float>::infinity());
+    for (auto* v : {&s, &a1, &a2, &s_excl, &zt}) std::fill(v->begin(), v->begin() + n, 0.f);
+    std::fill(arg.begin(), arg.begin() + n, int64_t(0));
+    return TokenColumnState{m.data(), s.data(), a1.data(), a2.data(), s_excl.data(), zt.data(), arg.data()};
+  }
+};
+
+// slab (vb, n) = weight[v0 : v0 + vb] @ hc^T (+ bias[v0 : v0 + vb]).
+void slab_logits(at::Tensor& slab, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& hc_t, int64_t v0) {
+  const int64_t vb = slab.size(0);
+  if (has_tensor(bias)) {
+    at::addmm_out(slab, bias->narrow(0, v0, vb).unsqueeze(1), weight.narrow(0, v0, vb), hc_t);
+  } else {
+    at::mm_out(slab, weight.narrow(0, v0, vb), hc_t);
+  }
+}
+
+// (vb, n) view of the front of a flat buffer.
+at::Tensor slab_view(const at::Tensor& flat, int64_t vb, int64_t n) { return flat.narrow(0, 0, vb * n).view({vb, n}); }
+
+// The blocked forward: statistics, and with grad_hidden the hidden-state gradient of
+// sum_r c_r logprob_r (c = row_weights, or 1: the per-row Jacobian):
+//   gh_r = c_r (W_t - sum_v p_v W_v) = c_r (s_excl W_t - acc_r) / s,  acc_r = sum_{v != t} e^(z_v - m) W_v
+// (1 - p_t = s_excl / s: no cancellation when p_t -> 1).  acc is kept transposed, (H, n),
+// and summed block by block with the rescaling of each token's running maximum.
+void linear_fwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const int64_t* tg, int64_t ignore_index, int64_t C, const float* rw, at::Tensor& lp,
+                        at::Tensor& st, at::Tensor& am, at::Tensor& gh, bool grad_hidden) {
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const int64_t VB = std::min(kVocabSlab, V);
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor slab_buf = empty_for_full_write({VB * C}, f32);
+  at::Tensor acc_buf = grad_hidden ? empty_for_full_write({H * C}, f32) : at::empty({0}, f32);
+  ColumnState state(C);
+  std::vector<int64_t> tgm(C);
+  float* lpp = lp.data_ptr<float>();
+  float* st4 = st.data_ptr<float>();
+  int64_t* amp = am.data_ptr<int64_t>();
+  for (int64_t c0 = 0; c0 < N; c0 += C) {
+    const int64_t n = std::min(C, N - c0);
+    if (chunk_all_ignored(tg + c0, nullptr, n, ignore_index)) {
+      lp.narrow(0, c0, n).zero_();
+      st.narrow(0, c0, n).zero_();
+      am.narrow(0, c0, n).zero_();
+      if (grad_hidden) gh.narrow(0, c0, n).zero_();
+      continue;
+    }
+    for (int64_t r = 0; r < n; ++r) tgm[r] = map_target(tg[c0 + r], ignore_index, V);
+    TokenColumnState cs = state.reset(n);
+    const at::Tensor hc = hidden.narrow(0, c0, n);
+    const at::Tensor hc_t = hc.t();
+    at::Tensor acc_t = grad_hidden ? slab_view(acc_buf, H, n) : acc_buf;
+    for (int64_t v0 = 0; v0 < V; v0 += VB) {
+      const int64_t vb = std::min(VB, V - v0);
+      at::Tensor slab = slab_view(slab_buf, vb, n);
+      slab_logits(slab, weight, bias, hc_t, v0);
+      float* z = slab.data_ptr<float>();
+      std::atomic<bool> rescaled{false};
+      at::parallel_for(0, n, kColumnGrain, [&](int64_t r0, int64_t r1) {
+        token_columns_raise_max(z, vb, n, v0, r0, r1, cs, state.m_old.data());
+        if (token_columns_rescale(state.m_old.data(), r0, r1, cs, state.factor.data())) rescaled = true;
+        token_columns_accumulate(z, vb, n, v0, r0, r1, tgm.data(), cs, grad_hidden);
+      });
+      if (!grad_hidden) continue;
+      const at::Tensor w_t = weight.narrow(0, v0, vb).t();
+      if (v0 == 0) {
+        at::mm_out(acc_t, w_t, slab);
+      } else {
+        if (rescaled) acc_t.mul_(at::from_blob(state.factor.data(), {1, n}, f32));
+        acc_t.addmm_(w_t, slab);
+      }
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const TokenRowStats s = token_column_finish(cs, r, tgm[r], V);
+      const int64_t i = c0 + r;
+      lpp[i] = s.logprob;
+      st4[4 * i] = s.max;
+      st4[4 * i + 1] = s.log_s;
+      st4[4 * i + 2] = s.entropy;
+      st4[4 * i + 3] = s.std_logp;
+      amp[i] = s.argmax;
+    }
+    if (!grad_hidden) continue;
+    at::Tensor ghc = gh.narrow(0, c0, n);
+    ghc.copy_(acc_t.t());
+    const float* w = weight.data_ptr<float>();
+    float* g = ghc.data_ptr<float>();
+    at::parallel_for(0, n, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = tgm[r];
+        const float c = rw != nullptr ? rw[c0 + r] : 1.f;
+        float* row = g + r * H;
+        if (t < 0 || t >= V || c == 0.f) {
+          std::fill(row, row + H, 0.f);
+          continue;
+        }
+        const float scale = c / cs.s[r], keep = cs.s_excl[r];
+        const float* wt = w + t * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) row[h] = scale * (keep * wt[h] - row[h]);
+      }
+    });
+  }
+}
+
+// The blocked backward for an arbitrary per-token grad_output (statistics known).
+void linear_bwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const int64_t* tg, int64_t ignore_index, int64_t C, const float* st4, const float* go,
+                        at::Tensor& gh, WeightGradAccumulator& gw, at::Tensor& gb, bool need_gh, bool need_gw,
+                        bool need_gb) {
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const int64_t VB = std::min(kVocabSlab, V);
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor slab_buf = empty_for_full_write({VB * C}, f32);
+  at::Tensor acc_buf = need_gh ? empty_for_full_write({H * C}, f32) : at::empty({0}, f32);
+  std::vector<int64_t> tgm(C);
+  std::vector<float> scratch(2 * C);
+  for (int64_t c0 = 0; c0 < N; c0 += C) {
+    const int64_t n = std::min(C, N - c0);
+    if (chunk_all_ignored(tg + c0, go + c0, n, ignore_index)) {
+      if (need_gh) gh.narrow(0, c0, n).zero_();
+      continue;
+    }
+    for (int64_t r = 0; r < n; ++r) tgm[r] = map_target(tg[c0 + r], ignore_index, V);
+    const at::Tensor hc = hidden.narrow(0, c0, n);
+    const at::Tensor hc_t = hc.t();
+    at::Tensor acc_t = need_gh ? slab_view(acc_buf, H, n) : acc_buf;
+    for (int64_t v0 = 0; v0 < V; v0 += VB) {
+      const int64_t vb = std::min(VB, V - v0);
+      at::Tensor slab = slab_view(slab_buf, vb, n);
+      slab_logits(slab, weight, bias, hc_t, v0);
+      float* z = slab.data_ptr<float>();
+      at::parallel_for(0, n, kColumnGrain, [&](int64_t r0, int64_t r1) {
+        token_columns_gradient(z, vb, n, v0, r0, r1, tgm.data(), V, st4 + 4 * c0, go + c0, scratch.data());
+      });
+      if (need_gw) gw.add_block(v0, slab, hc);
+      if (need_gb) gb.narrow(0, v0, vb).add_(at::sum(slab, {1}));
+      if (need_gh) {
+        const at::Tensor w_t = weight.narrow(0, v0, vb).t();
+        if (v0 == 0) {
+          at::mm_out(acc_t, w_t, slab);
+        } else {
+          acc_t.addmm_(w_t, slab);
+        }
+      }
+    }
+    if (need_gw) gw.end_chunk();
+    if (need_gh) gh.narrow(0, c0, n).copy_(acc_t.t());
+  }
+}
+
 // Forward over chunks.  With gradients asked for, each chunk's logits become its gradient
 // rows right after the statistics (no recomputation later):
 //   row_weights == None: coefficient 1 -> grad_hidden = per-row Jacobian of logprob
@@ -163,6 +345,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto [lp, st, am] = alloc_stats(hidden, N);
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor gh = grad_hidden ? at::empty_like(hidden) : at::empty({0}, hidden.options());
+  if (use_vocab_blocks(hidden) && !grad_weight && !grad_bias) {
+    linear_fwd_blocked(hidden, weight, bias, targets.data_ptr<int64_t>(), ignore_index,
+                       std::min(chunk_size, std::max<int64_t>(N, 1)), rw, lp, st, am, gh, grad_hidden);
+    return {lp, st, am, gh, at::empty({0}, f32), at::empty({0}, f32)};
+  }
   WeightGradAccumulator gw{grad_weight ? empty_for_full_write({V, H}, f32) : at::empty({0}, f32)};
   at::Tensor gb = grad_bias ? at::zeros({V}, f32) : at::empty({0}, f32);
   const bool any_grad = grad_hidden || grad_weight || grad_bias;
@@ -222,9 +409,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
   WeightGradAccumulator gw{need_grad_weight ? empty_for_full_write({V, H}, f32) : at::empty({0}, f32)};
   at::Tensor gb = need_grad_bias ? at::zeros({V}, f32) : at::empty({0}, f32);
   const int64_t C = std::min(chunk_size, std::max<int64_t>(N, 1));
-  at::Tensor buf = empty_for_full_write({C, V}, hidden.options());
   const int64_t* tg = targets.data_ptr<int64_t>();
   const float* go = grad.data_ptr<float>();
+  const auto wtype = weight.scalar_type();
+  if (use_vocab_blocks(hidden)) {
+    linear_bwd_blocked(hidden, weight, bias, tg, ignore_index, C, row_stats.data_ptr<float>(), go, gh, gw, gb,
+                       need_grad_hidden, need_grad_weight, need_grad_bias);
+    return {gh, gw.result(wtype), need_grad_bias ? from_float32(gb, wtype) : gb};
+  }
+  at::Tensor buf = empty_for_full_write({C, V}, hidden.options());
   for (int64_t c0 = 0; c0 < N; c0 += C) {
     const int64_t n = std::min(C, N - c0);
     if (chunk_all_ignored(tg + c0, go + c0, n, ignore_index)) {
@@ -242,7 +435,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
     if (need_grad_weight) gw.add(out, hc);
     if (need_grad_bias) add_bias_grad(gb, out);
   }
-  const auto wtype = weight.scalar_type();
   return {gh, gw.result(wtype), need_grad_bias ? from_float32(gb, wtype) : gb};
 }
 

@@ -16,25 +16,39 @@ Positions whose target equals ``ignore_index`` give 0 (False for "correct") in e
 statistic and no gradient.  Only "logprob" carries a gradient; the others are returned
 detached.
 
-Chunking (the fused backends): tokens are processed ``chunk_size`` at a time; the logits
-chunk hidden[c] @ W^T (+ b) goes through BLAS / cuBLAS into one reused buffer, then one
-fused row pass computes the statistics in float32.  When a gradient is needed, the same
-chunk is turned into its gradient rows g = c_r (onehot - p) (float32 math, the
-true-class term included, stored in the input dtype) while it is at hand, and
+Chunking (the fused backends): tokens are processed ``chunk_size`` at a time.
 
-  * grad_hidden = g @ W is formed in the forward: with c_r = 1 it is the per-row Jacobian
-    of logprob, which the backward scales by grad_output[r] (exact for any grad_output);
-  * for a fixed weighted sum of the log-probs (:func:`linear_logprob_sum`, used by
-    ``cross_entropy`` with reduction "sum"/"mean") grad_weight += g^T @ hidden[c]
-    (float32 accumulator) and grad_bias are formed there too, and the backward scales
-    them by the scalar grad_output: the logits are computed once;
-  * otherwise (per-token log-probs with an arbitrary grad_output, e.g. NPO) the backward
-    recomputes each chunk's logits for the weight/bias gradients only.
+On the CPU in float32 the vocabulary is folded in blocks too (csrc/token_stats.cpp): each
+block's logits, W[v0 : v0 + 4096] @ hidden[c]^T (+ b), come out of BLAS as one
+(4096, chunk) slab, each token's statistics are running sums with an online maximum (as
+flash attention keeps its softmax), and the next block overwrites the slab, so the
+largest buffer is one slab (4 MiB at 256 tokens, whatever V).  With a gradient:
 
-The default chunk size (``default_chunk_size``) keeps one float32 chunk, chunk_size x V x 4
-bytes, within 128 MiB, but never below 256 rows (thin GEMMs run far below the BLAS peak)
-and balanced over the tokens: at most 1048 tokens a chunk at V = 32,000, 256 at
-V = 151,936.
+  * grad_hidden is formed in the forward: the per-row Jacobian of logprob,
+    W_t - sum_v p_v W_v, summed block by block with the same rescaling (1 - p_t taken as
+    sum_{v != t} e^(z_v - m) / sum_v e^(z_v - m), so nothing cancels when p_t -> 1); the
+    backward scales row r by grad_output[r] (exact for any grad_output);
+  * the weight/bias gradients of per-token log-probs (e.g. NPO with a trainable head) are
+    formed in the backward, which recomputes each block's slab with the saved statistics;
+  * for a fixed weighted sum of the log-probs with a trainable head
+    (:func:`linear_logprob_sum`, used by ``cross_entropy``), the forward forms
+    grad_weight += g^T @ hidden[c] too, so the logits are computed once (three head GEMMs
+    in all, as eager).  That needs each token's whole row at once (every entry of g
+    depends on the token's final normaliser), so this one case keeps a (chunk, V)
+    buffer: blocking it would cost a fourth GEMM, and the GEMMs are nearly all of the
+    time on the CPU.
+
+The other cases (bfloat16/float16 on the CPU, the triton and cuda backends) put a chunk's
+logits, hidden[c] @ W^T (+ b), into one reused (chunk, V) buffer, then one fused row pass
+computes the statistics in float32; with a gradient the same chunk is turned into its
+gradient rows g = c_r (onehot - p) (float32 math, the true-class term included, stored in
+the input dtype) while it is at hand, and grad_hidden = g @ W (and, for
+:func:`linear_logprob_sum`, grad_weight and grad_bias) are formed there; otherwise the
+backward recomputes each chunk's logits for the weight/bias gradients.
+
+The default chunk size (``default_chunk_size``) keeps one float32 (chunk, V) buffer within
+128 MiB, but never below 256 rows (thin GEMMs run far below the BLAS peak) and balanced
+over the tokens: at most 1048 tokens a chunk at V = 32,000, 256 at V = 151,936.
 """
 from __future__ import annotations
 
