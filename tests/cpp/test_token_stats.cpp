@@ -92,3 +92,102 @@ UF_TEST(first_argmax_on_ties) {
   z[7] = z[31] = 3.f;
   UF_CHECK(uf::token_row_forward(z.data(), 50, 0).argmax == 7);
 }
+
+namespace {
+
+// Run the column kernels over a (V, n) vocabulary-major matrix in blocks of vb rows, as
+// csrc/token_stats.cpp does slab by slab; returns each token's statistics.
+std::vector<uf::TokenRowStats> column_forward(const std::vector<float>& zt, int64_t V, int64_t n, int64_t vb,
+                                              const std::vector<int64_t>& targets, std::vector<float>* s_excl_out) {
+  std::vector<float> m(n, -std::numeric_limits<float>::infinity()), s(n, 0.f), a1(n, 0.f), a2(n, 0.f),
+      s_excl(n, 0.f), zt_(n, 0.f), m_old(n), factor(n);
+  std::vector<int64_t> arg(n, 0);
+  uf::TokenColumnState st{m.data(), s.data(), a1.data(), a2.data(), s_excl.data(), zt_.data(), arg.data()};
+  for (int64_t v0 = 0; v0 < V; v0 += vb) {
+    const int64_t b = std::min(vb, V - v0);
+    std::vector<float> slab(zt.begin() + v0 * n, zt.begin() + (v0 + b) * n);
+    uf::token_columns_raise_max(slab.data(), b, n, v0, 0, n, st, m_old.data());
+    uf::token_columns_rescale(m_old.data(), 0, n, st, factor.data());
+    uf::token_columns_accumulate(slab.data(), b, n, v0, 0, n, targets.data(), st, true);
+  }
+  std::vector<uf::TokenRowStats> out;
+  for (int64_t r = 0; r < n; ++r) out.push_back(uf::token_column_finish(st, r, targets[r], V));
+  if (s_excl_out != nullptr) {
+    for (int64_t r = 0; r < n; ++r) s_excl_out->push_back(s_excl[r] / s[r]);  // 1 - p_t
+  }
+  return out;
+}
+
+}  // namespace
+
+UF_TEST(column_blocks_match_row_kernels) {
+  // Blocks of 7 and 64 rows over V = 300 (a partial last block); logits rising with the
+  // id so every block raises the maxima; a tie across blocks; one nearly certain token.
+  std::mt19937_64 rng(uf_test::seed() + 7);
+  const int64_t V = 300, n = 9;
+  std::vector<float> zt(V * n);  // vocabulary-major: zt[v * n + r]
+  std::normal_distribution<double> normal(0.0, 2.0);
+  for (int64_t v = 0; v < V; ++v) {
+    for (int64_t r = 0; r < n; ++r) zt[v * n + r] = static_cast<float>(normal(rng) + 0.02 * v + (r == 3 ? 1e4 : 0.0));
+  }
+  for (int64_t v = 0; v < V; ++v) zt[v * n + 1] = 0.f;
+  zt[10 * n + 1] = zt[200 * n + 1] = 5.f;  // tie: argmax 10
+  zt[77 * n + 2] = 80.f;                   // p_t ~ 1 for target 77
+  std::vector<int64_t> targets = {5, 250, 77, 299, -1, 0, 150, 64, 300 /* out of range */};
+  for (int64_t vb : {7, 64}) {
+    std::vector<float> one_minus_pt;
+    const auto cols = column_forward(zt, V, n, vb, targets, &one_minus_pt);
+    for (int64_t r = 0; r < n; ++r) {
+      std::vector<float> row(V);
+      for (int64_t v = 0; v < V; ++v) row[v] = zt[v * n + r];
+      const int64_t t = targets[r];
+      const uf::TokenRowStats want = uf::token_row_forward(row.data(), V, t);
+      const uf::TokenRowStats got = cols[r];
+      const double mag = std::max(1.0, std::fabs(static_cast<double>(want.max)));
+      if (t >= 0 && t < V) UF_CHECK_NEAR(got.logprob, want.logprob, 1e-5 * mag);
+      if (t >= V) UF_CHECK(std::isnan(got.logprob));
+      UF_CHECK(got.max == want.max);
+      UF_CHECK_NEAR(got.log_s, want.log_s, 1e-5);
+      UF_CHECK_NEAR(got.entropy, want.entropy, 1e-4 * std::max(1.f, want.entropy));
+      UF_CHECK_NEAR(got.std_logp, want.std_logp, 1e-3 * std::max(1.f, want.std_logp));
+      UF_CHECK(got.argmax == want.argmax);
+    }
+    UF_CHECK(cols[1].argmax == 10);
+    // 1 - p_t of the nearly certain token, without cancellation: the double value
+    double s = 0, st = 0;
+    for (int64_t v = 0; v < V; ++v) {
+      const double e = std::exp(static_cast<double>(zt[v * n + 2]) - 80.0);
+      s += e;
+      if (v != 77) st += e;
+    }
+    UF_CHECK_NEAR(one_minus_pt[2], st / s, 1e-5 * st / s);
+  }
+}
+
+UF_TEST(column_gradient_matches_row_backward) {
+  std::mt19937_64 rng(uf_test::seed() + 11);
+  const int64_t V = 130, n = 5, vb = 32;
+  std::vector<float> zt(V * n);
+  std::normal_distribution<double> normal(0.0, 3.0);
+  for (auto& x : zt) x = static_cast<float>(normal(rng));
+  const std::vector<int64_t> targets = {3, 129, -1, 64, 31};
+  const std::vector<float> go = {1.5f, -0.7f, 2.f, 0.f, 1.f};
+  std::vector<float> st4(4 * n, 0.f);
+  std::vector<std::vector<float>> rows(n, std::vector<float>(V));
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t v = 0; v < V; ++v) rows[r][v] = zt[v * n + r];
+    const uf::TokenRowStats s = uf::token_row_forward(rows[r].data(), V, targets[r]);
+    st4[4 * r] = s.max;
+    st4[4 * r + 1] = s.log_s;
+  }
+  std::vector<float> g = zt, scratch(2 * n);
+  for (int64_t v0 = 0; v0 < V; v0 += vb) {
+    uf::token_columns_gradient(g.data() + v0 * n, std::min(vb, V - v0), n, v0, 0, n, targets.data(), V, st4.data(),
+                               go.data(), scratch.data());
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    std::vector<float> want(V);
+    uf::token_row_backward(rows[r].data(), V, targets[r], st4[4 * r], st4[4 * r + 1], go[r], want.data());
+    for (int64_t v = 0; v < V; ++v) UF_CHECK_NEAR(g[v * n + r], want[v], 1e-6 * std::max(1.f, std::fabs(want[v])));
+  }
+}
