@@ -120,18 +120,29 @@ inline void add_weight_grad(at::Tensor& grad_weight32, const at::Tensor& g, cons
 struct WeightGradAccumulator {
   at::Tensor grad;
   bool started = false;
+  at::Tensor partial;  // add_block's low-precision partial product (allocated on first use)
 
   void add(const at::Tensor& g, const at::Tensor& hc) {
     add_weight_grad(grad, g, hc, /*overwrite=*/!started);
     started = true;
   }
 
-  // Vocabulary-blocked loops (float32): the rows [v0, v0 + vb) of one chunk's
-  // contribution, g_slab (vb, n) the chunk's vocabulary-major gradient slab and hc (n, H)
-  // its hidden states.  A chunk adds all of its blocks, then calls end_chunk().
+  // Vocabulary-blocked loops: the rows [v0, v0 + vb) of one chunk's contribution, g_slab
+  // (vb, n) the chunk's vocabulary-major gradient slab and hc (n, H) its hidden states.  A
+  // chunk adds all of its blocks, then calls end_chunk().  bfloat16/float16: the product
+  // runs in that precision and is added in float32, as add_weight_grad's slabs.
   void add_block(int64_t v0, const at::Tensor& g_slab, const at::Tensor& hc) {
     at::Tensor dst = grad.narrow(0, v0, g_slab.size(0));
-    if (started) {
+    if (g_slab.scalar_type() != at::kFloat) {
+      if (partial.numel() < g_slab.size(0) * hc.size(1)) partial = at::empty({g_slab.size(0) * hc.size(1)}, hc.options());
+      at::Tensor p = partial.narrow(0, 0, g_slab.size(0) * hc.size(1)).view({g_slab.size(0), hc.size(1)});
+      at::mm_out(p, g_slab, hc);
+      if (started) {
+        dst.add_(p);
+      } else {
+        dst.copy_(p);
+      }
+    } else if (started) {
       dst.addmm_(g_slab, hc);
     } else {
       at::mm_out(dst, g_slab, hc);

@@ -146,7 +146,7 @@ void chunk_gradient_rows(at::Tensor& chunk, const int64_t* tg, int64_t ignore_in
   });
 }
 
-// ---- Vocabulary-blocked loops (float32) ----------------------------------------------
+// ---- Vocabulary-blocked loops -------------------------------------------------------
 // Chunks of C tokens, and within a chunk blocks of kVocabSlab vocabulary rows: the GEMM of
 // a block gives a vocabulary-major (vb, n) slab (the fast orientation on the CPU, see
 // linear_chunk.h), the column kernels of cpu/token_stats.h fold it into per-token running
@@ -161,7 +161,24 @@ void chunk_gradient_rows(at::Tensor& chunk, const int64_t* tg, int64_t ignore_in
 // A trainable head's forward with the weight gradient (linear_logprob_sum) cannot be
 // blocked without one more GEMM: the weight gradient of a block needs every token's final
 // softmax normaliser, so it keeps the (C, V) chunk (see linear_fwd_cpu).
-bool use_vocab_blocks(const at::Tensor& hidden) { return hidden.scalar_type() == at::kFloat; }
+//
+// bfloat16/float16 inputs: the GEMMs run in the input dtype and each slab is converted to
+// float32 for the column kernels (and a gradient slab back, rounded once, as the unblocked
+// loop stores its gradient rows).  The hidden-state gradient is blocked in float32 only:
+// in low precision each block's partial product would be rounded on its own, so a
+// low-precision forward that needs it keeps the (C, V) chunk (one GEMM over the whole row).
+bool blocked_ok(const at::Tensor& hidden, bool hidden_gradient) {
+  return hidden.scalar_type() == at::kFloat || !hidden_gradient;
+}
+
+// The float32 view of a slab the column kernels work on: the slab itself for float32, or
+// the front of f32_buf (filled with the converted slab when `load`).
+at::Tensor float_slab(const at::Tensor& slab, const at::Tensor& f32_buf, bool load) {
+  if (slab.scalar_type() == at::kFloat) return slab;
+  at::Tensor zf = f32_buf.narrow(0, 0, slab.numel()).view(slab.sizes());
+  if (load) zf.copy_(slab);
+  return zf;
+}
 
 // Tokens per parallel task of the column kernels (they run down a whole slab per task).
 constexpr int64_t kColumnGrain = 32;
@@ -205,7 +222,9 @@ void linear_fwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, cons
   const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   const int64_t VB = std::min(kVocabSlab, V);
   auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor slab_buf = empty_for_full_write({VB * C}, f32);
+  const bool low_precision = hidden.scalar_type() != at::kFloat;
+  at::Tensor slab_buf = empty_for_full_write({VB * C}, hidden.options());
+  at::Tensor f32_buf = low_precision ? empty_for_full_write({VB * C}, f32) : at::empty({0}, f32);
   at::Tensor acc_buf = grad_hidden ? empty_for_full_write({H * C}, f32) : at::empty({0}, f32);
   ColumnState state(C);
   std::vector<int64_t> tgm(C);
@@ -230,7 +249,7 @@ void linear_fwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, cons
       const int64_t vb = std::min(VB, V - v0);
       at::Tensor slab = slab_view(slab_buf, vb, n);
       slab_logits(slab, weight, bias, hc_t, v0);
-      float* z = slab.data_ptr<float>();
+      float* z = float_slab(slab, f32_buf, /*load=*/true).data_ptr<float>();
       std::atomic<bool> rescaled{false};
       at::parallel_for(0, n, kColumnGrain, [&](int64_t r0, int64_t r1) {
         token_columns_raise_max(z, vb, n, v0, r0, r1, cs, state.m_old.data());
@@ -287,7 +306,9 @@ void linear_bwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, cons
   const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   const int64_t VB = std::min(kVocabSlab, V);
   auto f32 = hidden.options().dtype(at::kFloat);
-  at::Tensor slab_buf = empty_for_full_write({VB * C}, f32);
+  const bool low_precision = hidden.scalar_type() != at::kFloat;
+  at::Tensor slab_buf = empty_for_full_write({VB * C}, hidden.options());
+  at::Tensor f32_buf = low_precision ? empty_for_full_write({VB * C}, f32) : at::empty({0}, f32);
   at::Tensor acc_buf = need_gh ? empty_for_full_write({H * C}, f32) : at::empty({0}, f32);
   std::vector<int64_t> tgm(C);
   std::vector<float> scratch(2 * C);
@@ -305,12 +326,14 @@ void linear_bwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, cons
       const int64_t vb = std::min(VB, V - v0);
       at::Tensor slab = slab_view(slab_buf, vb, n);
       slab_logits(slab, weight, bias, hc_t, v0);
-      float* z = slab.data_ptr<float>();
+      at::Tensor zf = float_slab(slab, f32_buf, /*load=*/true);
+      float* z = zf.data_ptr<float>();
       at::parallel_for(0, n, kColumnGrain, [&](int64_t r0, int64_t r1) {
         token_columns_gradient(z, vb, n, v0, r0, r1, tgm.data(), V, st4 + 4 * c0, go + c0, scratch.data());
       });
+      if (low_precision) slab.copy_(zf);  // the gradient slab in the GEMMs' dtype
       if (need_gw) gw.add_block(v0, slab, hc);
-      if (need_gb) gb.narrow(0, v0, vb).add_(at::sum(slab, {1}));
+      if (need_gb) gb.narrow(0, v0, vb).add_(at::sum(zf, {1}));
       if (need_gh) {
         const at::Tensor w_t = weight.narrow(0, v0, vb).t();
         if (v0 == 0) {
@@ -345,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto [lp, st, am] = alloc_stats(hidden, N);
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor gh = grad_hidden ? at::empty_like(hidden) : at::empty({0}, hidden.options());
-  if (use_vocab_blocks(hidden) && !grad_weight && !grad_bias) {
+  if (blocked_ok(hidden, grad_hidden) && !grad_weight && !grad_bias) {
     linear_fwd_blocked(hidden, weight, bias, targets.data_ptr<int64_t>(), ignore_index,
                        std::min(chunk_size, std::max<int64_t>(N, 1)), rw, lp, st, am, gh, grad_hidden);
     return {lp, st, am, gh, at::empty({0}, f32), at::empty({0}, f32)};
@@ -412,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
   const int64_t* tg = targets.data_ptr<int64_t>();
   const float* go = grad.data_ptr<float>();
   const auto wtype = weight.scalar_type();
-  if (use_vocab_blocks(hidden)) {
+  if (blocked_ok(hidden, need_grad_hidden)) {
     linear_bwd_blocked(hidden, weight, bias, tg, ignore_index, C, row_stats.data_ptr<float>(), go, gh, gw, gb,
                        need_grad_hidden, need_grad_weight, need_grad_bias);
     return {gh, gw.result(wtype), need_grad_bias ? from_float32(gb, wtype) : gb};

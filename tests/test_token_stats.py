@@ -106,16 +106,17 @@ def test_linear_vocabulary_slabs(backend, weight_grad):
 
 
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("offset", [0.0, 1e4])
-def test_linear_vocabulary_blocks_online_max(backend, offset):
-    # The CPU float32 loops fold the vocabulary in blocks of 4096 with a running maximum
-    # per token (csrc/token_stats.cpp, linear_fwd_blocked): a bias rising with the
-    # vocabulary id raises every token's maximum in each later block (each raise rescales
-    # the running sums and the hidden-gradient accumulator), some tokens are nearly
-    # certain of their target (1 - p_t from s_excl / s, no cancellation), the logits sit
-    # at +-1e4 with offset, and an argmax tie across blocks must give the first index.
+@pytest.mark.parametrize("dtype,offset", [(torch.float32, 0.0), (torch.float32, 1e4), (torch.bfloat16, 0.0)])
+def test_linear_vocabulary_blocks_online_max(backend, dtype, offset):
+    # The CPU loops fold the vocabulary in blocks of 4096 with a running maximum per token
+    # (csrc/token_stats.cpp, linear_fwd_blocked / linear_bwd_blocked; bfloat16 without the
+    # forward's hidden gradient): a bias rising with the vocabulary id raises every
+    # token's maximum in each later block (each raise rescales the running sums and the
+    # hidden-gradient accumulator), some tokens are nearly certain of their target
+    # (1 - p_t from s_excl / s, no cancellation), the logits sit at +-1e4 with offset, and
+    # an argmax tie across blocks must give the first index.
     V, H, n = 3 * 4096 + 77, 10, 23
-    h, w, _, t = _inputs((n,), H, V, torch.float32, ignore_frac=0.2)
+    h, w, _, t = _inputs((n,), H, V, dtype, ignore_frac=0.2)
     b = torch.linspace(-6.0, 6.0, V, dtype=torch.float64) + offset
     w[4096 + 5] = w[5]
     b[4096 + 5] = b[5] = 40.0 + offset  # the two largest logits of tokens with h . w_5 ~ 0
@@ -123,17 +124,20 @@ def test_linear_vocabulary_blocks_online_max(backend, offset):
     t[0] = 2 * 4096 + 1
     t[1:4] = V - 1
     h[1:4] = w[V - 1] * 60.0  # p_t ~ 1
+    h, b = h.to(dtype).double(), b.to(dtype).double()  # the oracle sees the rounded inputs
     for wg in (True, False):
-        out = _check_against_oracle(h, w, b, t, torch.float32, backend, weight_grad=wg, chunk_size=8)
+        out = _check_against_oracle(h, w, b, t, dtype, backend, weight_grad=wg, chunk_size=8)
         assert out["argmax"][0].item() == 5
     # no-grad forward (evaluation) through the same loop
     with torch.no_grad():
-        got = uf.token_stats(h.float(), w.float(), t, b.float(), stats=ts.STATS, chunk_size=8, backend=backend)
+        got = uf.token_stats(h.to(dtype), w.to(dtype), t, b.to(dtype), stats=ts.STATS, chunk_size=8,
+                             backend=backend)
     assert got["argmax"][0].item() == 5
     ref = uf.token_stats(h, w, t, b, stats=ts.STATS, backend="eager")
+    tol = 1e-5 * max(1.0, offset / 100) if dtype == torch.float32 else 1e-2
     for k in ("logprob",) + EXTRAS:
         scale = ref[k].abs().max().clamp_min(1.0)
-        assert ((got[k].double() - ref[k]).abs().max() / scale).item() <= 1e-5 * max(1.0, offset / 100), k
+        assert ((got[k].double() - ref[k]).abs().max() / scale).item() <= tol, k
 
 
 @pytest.mark.parametrize("backend", FAST)

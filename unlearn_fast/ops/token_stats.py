@@ -18,11 +18,13 @@ detached.
 
 Chunking (the fused backends): tokens are processed ``chunk_size`` at a time.
 
-On the CPU in float32 the vocabulary is folded in blocks too (csrc/token_stats.cpp): each
-block's logits, W[v0 : v0 + 4096] @ hidden[c]^T (+ b), come out of BLAS as one
-(4096, chunk) slab, each token's statistics are running sums with an online maximum (as
-flash attention keeps its softmax), and the next block overwrites the slab, so the
-largest buffer is one slab (4 MiB at 256 tokens, whatever V).  With a gradient:
+On the CPU the vocabulary is folded in blocks too (csrc/token_stats.cpp): each block's
+logits, W[v0 : v0 + 4096] @ hidden[c]^T (+ b), come out of BLAS as one (4096, chunk)
+slab, each token's statistics are running sums with an online maximum (as flash
+attention keeps its softmax), and the next block overwrites the slab, so the largest
+buffer is one slab (4 MiB at 256 tokens in float32, whatever V).  In bfloat16/float16
+the GEMMs run in that dtype and each slab is converted to float32 for the statistics;
+the forward's hidden gradient (below) is blocked in float32 only.  With a gradient:
 
   * grad_hidden is formed in the forward: the per-row Jacobian of logprob,
     W_t - sum_v p_v W_v, summed block by block with the same rescaling (1 - p_t taken as
@@ -34,11 +36,12 @@ largest buffer is one slab (4 MiB at 256 tokens, whatever V).  With a gradient:
     (:func:`linear_logprob_sum`, used by ``cross_entropy``), the forward forms
     grad_weight += g^T @ hidden[c] too, so the logits are computed once (three head GEMMs
     in all, as eager).  That needs each token's whole row at once (every entry of g
-    depends on the token's final normaliser), so this one case keeps a (chunk, V)
+    depends on the token's final normaliser), so this case keeps a (chunk, V)
     buffer: blocking it would cost a fourth GEMM, and the GEMMs are nearly all of the
     time on the CPU.
 
-The other cases (bfloat16/float16 on the CPU, the triton and cuda backends) put a chunk's
+The other cases (the triton and cuda backends; on the CPU a bfloat16/float16 forward that
+forms the hidden gradient, and the trainable-head forward above) put a chunk's
 logits, hidden[c] @ W^T (+ b), into one reused (chunk, V) buffer, then one fused row pass
 computes the statistics in float32; with a gradient the same chunk is turned into its
 gradient rows g = c_r (onehot - p) (float32 math, the true-class term included, stored in
