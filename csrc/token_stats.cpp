@@ -171,12 +171,12 @@ bool blocked_ok(const at::Tensor& hidden, bool hidden_gradient) {
   return hidden.scalar_type() == at::kFloat || !hidden_gradient;
 }
 
-// The float32 view of a slab the column kernels work on: the slab itself for float32, or
-// the front of f32_buf (filled with the converted slab when `load`).
-at::Tensor float_slab(const at::Tensor& slab, const at::Tensor& f32_buf, bool load) {
+// The float32 slab the column kernels work on: the slab itself for float32, or a copy
+// converted into the front of f32_buf.
+at::Tensor float_slab(const at::Tensor& slab, const at::Tensor& f32_buf) {
   if (slab.scalar_type() == at::kFloat) return slab;
   at::Tensor zf = f32_buf.narrow(0, 0, slab.numel()).view(slab.sizes());
-  if (load) zf.copy_(slab);
+  zf.copy_(slab);
   return zf;
 }
 
@@ -249,7 +249,7 @@ void linear_fwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, cons
       const int64_t vb = std::min(VB, V - v0);
       at::Tensor slab = slab_view(slab_buf, vb, n);
       slab_logits(slab, weight, bias, hc_t, v0);
-      float* z = float_slab(slab, f32_buf, /*load=*/true).data_ptr<float>();
+      float* z = float_slab(slab, f32_buf).data_ptr<float>();
       std::atomic<bool> rescaled{false};
       at::parallel_for(0, n, kColumnGrain, [&](int64_t r0, int64_t r1) {
         token_columns_raise_max(z, vb, n, v0, r0, r1, cs, state.m_old.data());
@@ -326,7 +326,7 @@ void linear_bwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, cons
       const int64_t vb = std::min(VB, V - v0);
       at::Tensor slab = slab_view(slab_buf, vb, n);
       slab_logits(slab, weight, bias, hc_t, v0);
-      at::Tensor zf = float_slab(slab, f32_buf, /*load=*/true);
+      at::Tensor zf = float_slab(slab, f32_buf);
       float* z = zf.data_ptr<float>();
       at::parallel_for(0, n, kColumnGrain, [&](int64_t r0, int64_t r1) {
         token_columns_gradient(z, vb, n, v0, r0, r1, tgm.data(), V, st4 + 4 * c0, go + c0, scratch.data());

@@ -141,6 +141,32 @@ def test_linear_vocabulary_blocks_online_max(backend, dtype, offset):
 
 
 @pytest.mark.parametrize("backend", FAST)
+def test_linear_minus_inf_logits(backend):
+    # A bias of -inf (a vocabulary masked out) over the whole first block of 4096 ids and
+    # a few later ones: every token's maximum is -inf after the first block, which must add
+    # nothing (not NaN) to its running sums.  Eager's entropy is NaN there (0 * -inf).
+    V, H, n = 4096 + 300, 8, 11
+    h, w, _, t = _inputs((n,), H, V, torch.float32, ignore_frac=0.0)
+    b = torch.zeros(V, dtype=torch.float64)
+    b[:4096] = float("-inf")
+    b[4200:4210] = float("-inf")
+    t = torch.randint(4096, V, (n,))
+    t[(t >= 4200) & (t < 4210)] = 4300
+    hh = h.float().requires_grad_()
+    out = uf.token_stats(hh, w.float(), t, b.float(), stats=("logprob", "lse", "std_logp"), chunk_size=4,
+                         backend=backend)
+    (gh,) = torch.autograd.grad(out["logprob"].sum(), [hh])
+    hr = h.clone().requires_grad_()
+    logp = torch.log_softmax(hr @ w.t() + b, -1)
+    ref = logp.gather(1, t[:, None]).squeeze(1)
+    (gr,) = torch.autograd.grad(ref.sum(), [hr])
+    assert torch.isfinite(out["std_logp"]).all()
+    assert rel_err(out["logprob"], ref) <= 1e-5
+    assert rel_err(out["lse"], torch.logsumexp(h @ w.t() + b, -1)) <= 1e-5
+    assert rel_err(gh, gr) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", FAST)
 def test_linear_bf16_bias_default_chunk(backend):
     h, w, b, t = _inputs((2, 11), 24, 1000, torch.bfloat16, bias=True, scale=4.0)
     _check_against_oracle(h, w, b, t, torch.bfloat16, backend)

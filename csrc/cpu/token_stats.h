@@ -168,8 +168,10 @@ inline void token_columns_accumulate(float* z, int64_t vb, int64_t n, int64_t v0
     for (int64_t r = r0; r < r1; ++r) {
       const float zv = zr[r];
       const float d = zv - st.m[r];
-      const float e = fast_exp(d);
-      const float ed = e * d;
+      // a -inf logit adds nothing (not 0 * -inf = NaN to a1, a2), nor does a block of
+      // them that leaves the maximum at -inf (d = NaN)
+      const float e = d > -87.3f ? fast_exp(d) : 0.f;
+      const float ed = e > 0.f ? e * d : 0.f;
       const bool is_target = targets[r] == id;
       const float e_excl = is_target ? 0.f : e;
       st.s[r] += e;
