@@ -77,6 +77,29 @@ inline void chunk_grad_hidden(at::Tensor& grad_hc, const at::Tensor& g, const at
 // accumulated in float32 (a (kWeightGradSlab, H) temporary: 28 MiB at H = 3584).
 constexpr int64_t kWeightGradSlab = 4096;
 
+// dst (rows, H) float32 += a (rows, n) @ hc (n, H); with overwrite, = instead of +=.  A
+// float32 product goes straight into dst.  A bfloat16/float16 one runs in that precision
+// (float32 accumulation inside the GEMM, one rounding) into `part` (at least rows x H
+// elements of hc's dtype) and is then added in float32.
+inline void add_rows_product(at::Tensor dst, const at::Tensor& a, const at::Tensor& hc, bool overwrite,
+                             const at::Tensor& part) {
+  if (a.scalar_type() == at::kFloat) {
+    if (overwrite) {
+      at::mm_out(dst, a, hc);
+    } else {
+      dst.addmm_(a, hc);
+    }
+    return;
+  }
+  at::Tensor p = part.narrow(0, 0, a.size(0) * hc.size(1)).view({a.size(0), hc.size(1)});
+  at::mm_out(p, a, hc);
+  if (overwrite) {
+    dst.copy_(p);
+  } else {
+    dst.add_(p);
+  }
+}
+
 // grad_weight32 (V, H) float32 += g (n, V)^T @ hc (n, H); with overwrite, = instead of +=
 // (the accumulator's first chunk: its old contents are never read, so it needs no zero fill).
 //
@@ -88,25 +111,14 @@ constexpr int64_t kWeightGradSlab = 4096;
 inline void add_weight_grad(at::Tensor& grad_weight32, const at::Tensor& g, const at::Tensor& hc,
                             bool overwrite = false) {
   if (g.scalar_type() == at::kFloat) {
-    if (overwrite) {
-      at::mm_out(grad_weight32, g.t(), hc);
-    } else {
-      grad_weight32.addmm_(g.t(), hc);
-    }
+    add_rows_product(grad_weight32, g.t(), hc, overwrite, at::Tensor());
     return;
   }
   const int64_t V = g.size(1), H = hc.size(1);
-  at::Tensor part = at::empty({std::min(kWeightGradSlab, V), H}, hc.options());
+  const at::Tensor part = at::empty({std::min(kWeightGradSlab, V) * H}, hc.options());
   for (int64_t v0 = 0; v0 < V; v0 += kWeightGradSlab) {
     const int64_t n = std::min(kWeightGradSlab, V - v0);
-    at::Tensor p = part.narrow(0, 0, n);
-    at::mm_out(p, g.narrow(1, v0, n).t(), hc);
-    at::Tensor dst = grad_weight32.narrow(0, v0, n);
-    if (overwrite) {
-      dst.copy_(p);
-    } else {
-      dst.add_(p);
-    }
+    add_rows_product(grad_weight32.narrow(0, v0, n), g.narrow(1, v0, n).t(), hc, overwrite, part);
   }
 }
 
@@ -132,21 +144,9 @@ struct WeightGradAccumulator {
   // chunk adds all of its blocks, then calls end_chunk().  bfloat16/float16: the product
   // runs in that precision and is added in float32, as add_weight_grad's slabs.
   void add_block(int64_t v0, const at::Tensor& g_slab, const at::Tensor& hc) {
-    at::Tensor dst = grad.narrow(0, v0, g_slab.size(0));
-    if (g_slab.scalar_type() != at::kFloat) {
-      if (partial.numel() < g_slab.size(0) * hc.size(1)) partial = at::empty({g_slab.size(0) * hc.size(1)}, hc.options());
-      at::Tensor p = partial.narrow(0, 0, g_slab.size(0) * hc.size(1)).view({g_slab.size(0), hc.size(1)});
-      at::mm_out(p, g_slab, hc);
-      if (started) {
-        dst.add_(p);
-      } else {
-        dst.copy_(p);
-      }
-    } else if (started) {
-      dst.addmm_(g_slab, hc);
-    } else {
-      at::mm_out(dst, g_slab, hc);
-    }
+    const int64_t need = g_slab.scalar_type() == at::kFloat ? 0 : g_slab.size(0) * hc.size(1);
+    if (partial.numel() < need) partial = at::empty({need}, hc.options());
+    add_rows_product(grad.narrow(0, v0, g_slab.size(0)), g_slab, hc, /*overwrite=*/!started, partial);
   }
   void end_chunk() { started = true; }
 

@@ -171,15 +171,6 @@ bool blocked_ok(const at::Tensor& hidden, bool hidden_gradient) {
   return hidden.scalar_type() == at::kFloat || !hidden_gradient;
 }
 
-// The float32 slab the column kernels work on: the slab itself for float32, or a copy
-// converted into the front of f32_buf.
-at::Tensor float_slab(const at::Tensor& slab, const at::Tensor& f32_buf) {
-  if (slab.scalar_type() == at::kFloat) return slab;
-  at::Tensor zf = f32_buf.narrow(0, 0, slab.numel()).view(slab.sizes());
-  zf.copy_(slab);
-  return zf;
-}
-
 // Tokens per parallel task of the column kernels (they run down a whole slab per task).
 constexpr int64_t kColumnGrain = 32;
 
@@ -197,19 +188,53 @@ struct ColumnState {
   }
 };
 
-// slab (vb, n) = weight[v0 : v0 + vb] @ hc^T (+ bias[v0 : v0 + vb]).
-void slab_logits(at::Tensor& slab, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                 const at::Tensor& hc_t, int64_t v0) {
-  const int64_t vb = slab.size(0);
-  if (has_tensor(bias)) {
-    at::addmm_out(slab, bias->narrow(0, v0, vb).unsqueeze(1), weight.narrow(0, v0, vb), hc_t);
+// The buffers of one blocked loop over chunks of at most C tokens: the logits slab in the
+// input dtype, its float32 copy (bfloat16/float16 only) and, with the hidden-state
+// gradient, the transposed (H, C) float32 accumulator.
+struct BlockBuffers {
+  at::Tensor slab_buf, f32_buf, acc_buf;
+
+  BlockBuffers(const at::Tensor& hidden, int64_t vocab_block, int64_t C, bool hidden_gradient) {
+    auto f32 = hidden.options().dtype(at::kFloat);
+    slab_buf = empty_for_full_write({vocab_block * C}, hidden.options());
+    f32_buf = hidden.scalar_type() != at::kFloat ? empty_for_full_write({vocab_block * C}, f32) : at::empty({0}, f32);
+    acc_buf = hidden_gradient ? empty_for_full_write({hidden.size(1) * C}, f32) : at::empty({0}, f32);
+  }
+
+  static at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
+    return flat.narrow(0, 0, rows * cols).view({rows, cols});
+  }
+
+  // The (H, n) accumulator of a chunk of n tokens.
+  at::Tensor acc(int64_t H, int64_t n) const { return acc_buf.numel() > 0 ? front(acc_buf, H, n) : acc_buf; }
+
+  // The logits of block [v0, v0 + vb) for a chunk, weight[v0 : v0 + vb] @ hc^T (+ bias),
+  // into the (vb, n) slab; returns the slab and the float32 slab the column kernels work
+  // on (the slab itself for float32, else a converted copy).
+  std::pair<at::Tensor, at::Tensor> logits(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                           const at::Tensor& hc_t, int64_t v0, int64_t vb) const {
+    at::Tensor slab = front(slab_buf, vb, hc_t.size(1));
+    if (has_tensor(bias)) {
+      at::addmm_out(slab, bias->narrow(0, v0, vb).unsqueeze(1), weight.narrow(0, v0, vb), hc_t);
+    } else {
+      at::mm_out(slab, weight.narrow(0, v0, vb), hc_t);
+    }
+    if (slab.scalar_type() == at::kFloat) return {slab, slab};
+    at::Tensor zf = front(f32_buf, vb, hc_t.size(1));
+    zf.copy_(slab);
+    return {slab, zf};
+  }
+};
+
+// acc_t (H, n) += weight[v0 : v0 + vb]^T @ slab (vb, n); the first block (v0 = 0) overwrites.
+void add_hidden_block(at::Tensor& acc_t, const at::Tensor& weight, int64_t v0, const at::Tensor& slab) {
+  const at::Tensor w_t = weight.narrow(0, v0, slab.size(0)).t();
+  if (v0 == 0) {
+    at::mm_out(acc_t, w_t, slab);
   } else {
-    at::mm_out(slab, weight.narrow(0, v0, vb), hc_t);
+    acc_t.addmm_(w_t, slab);
   }
 }
-
-// (vb, n) view of the front of a flat buffer.
-at::Tensor slab_view(const at::Tensor& flat, int64_t vb, int64_t n) { return flat.narrow(0, 0, vb * n).view({vb, n}); }
 
 // The blocked forward: statistics, and with grad_hidden the hidden-state gradient of
 // sum_r c_r logprob_r (c = row_weights, or 1: the per-row Jacobian):
@@ -221,11 +246,7 @@ void linear_fwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, cons
                         at::Tensor& st, at::Tensor& am, at::Tensor& gh, bool grad_hidden) {
   const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   const int64_t VB = std::min(kVocabSlab, V);
-  auto f32 = hidden.options().dtype(at::kFloat);
-  const bool low_precision = hidden.scalar_type() != at::kFloat;
-  at::Tensor slab_buf = empty_for_full_write({VB * C}, hidden.options());
-  at::Tensor f32_buf = low_precision ? empty_for_full_write({VB * C}, f32) : at::empty({0}, f32);
-  at::Tensor acc_buf = grad_hidden ? empty_for_full_write({H * C}, f32) : at::empty({0}, f32);
+  const BlockBuffers bufs(hidden, VB, C, grad_hidden);
   ColumnState state(C);
   std::vector<int64_t> tgm(C);
   float* lpp = lp.data_ptr<float>();
@@ -244,12 +265,11 @@ void linear_fwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, cons
     TokenColumnState cs = state.reset(n);
     const at::Tensor hc = hidden.narrow(0, c0, n);
     const at::Tensor hc_t = hc.t();
-    at::Tensor acc_t = grad_hidden ? slab_view(acc_buf, H, n) : acc_buf;
+    at::Tensor acc_t = bufs.acc(H, n);
     for (int64_t v0 = 0; v0 < V; v0 += VB) {
       const int64_t vb = std::min(VB, V - v0);
-      at::Tensor slab = slab_view(slab_buf, vb, n);
-      slab_logits(slab, weight, bias, hc_t, v0);
-      float* z = float_slab(slab, f32_buf).data_ptr<float>();
+      auto [slab, zf] = bufs.logits(weight, bias, hc_t, v0, vb);
+      float* z = zf.data_ptr<float>();
       std::atomic<bool> rescaled{false};
       at::parallel_for(0, n, kColumnGrain, [&](int64_t r0, int64_t r1) {
         token_columns_raise_max(z, vb, n, v0, r0, r1, cs, state.m_old.data());
@@ -257,13 +277,10 @@ void linear_fwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, cons
         token_columns_accumulate(z, vb, n, v0, r0, r1, tgm.data(), cs, grad_hidden);
       });
       if (!grad_hidden) continue;
-      const at::Tensor w_t = weight.narrow(0, v0, vb).t();
-      if (v0 == 0) {
-        at::mm_out(acc_t, w_t, slab);
-      } else {
-        if (rescaled) acc_t.mul_(at::from_blob(state.factor.data(), {1, n}, f32));
-        acc_t.addmm_(w_t, slab);
-      }
+      // the earlier blocks' sum, rescaled to the raised maxima (on the first block the
+      // sum is overwritten)
+      if (v0 > 0 && rescaled) acc_t.mul_(at::from_blob(state.factor.data(), {1, n}, zf.options()));
+      add_hidden_block(acc_t, weight, v0, slab);
     }
     for (int64_t r = 0; r < n; ++r) {
       const TokenRowStats s = token_column_finish(cs, r, tgm[r], V);
@@ -305,11 +322,7 @@ void linear_bwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, cons
                         bool need_gb) {
   const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
   const int64_t VB = std::min(kVocabSlab, V);
-  auto f32 = hidden.options().dtype(at::kFloat);
-  const bool low_precision = hidden.scalar_type() != at::kFloat;
-  at::Tensor slab_buf = empty_for_full_write({VB * C}, hidden.options());
-  at::Tensor f32_buf = low_precision ? empty_for_full_write({VB * C}, f32) : at::empty({0}, f32);
-  at::Tensor acc_buf = need_gh ? empty_for_full_write({H * C}, f32) : at::empty({0}, f32);
+  const BlockBuffers bufs(hidden, VB, C, need_gh);
   std::vector<int64_t> tgm(C);
   std::vector<float> scratch(2 * C);
   for (int64_t c0 = 0; c0 < N; c0 += C) {
@@ -321,27 +334,18 @@ void linear_bwd_blocked(const at::Tensor& hidden, const at::Tensor& weight, cons
     for (int64_t r = 0; r < n; ++r) tgm[r] = map_target(tg[c0 + r], ignore_index, V);
     const at::Tensor hc = hidden.narrow(0, c0, n);
     const at::Tensor hc_t = hc.t();
-    at::Tensor acc_t = need_gh ? slab_view(acc_buf, H, n) : acc_buf;
+    at::Tensor acc_t = bufs.acc(H, n);
     for (int64_t v0 = 0; v0 < V; v0 += VB) {
       const int64_t vb = std::min(VB, V - v0);
-      at::Tensor slab = slab_view(slab_buf, vb, n);
-      slab_logits(slab, weight, bias, hc_t, v0);
-      at::Tensor zf = float_slab(slab, f32_buf);
+      auto [slab, zf] = bufs.logits(weight, bias, hc_t, v0, vb);
       float* z = zf.data_ptr<float>();
       at::parallel_for(0, n, kColumnGrain, [&](int64_t r0, int64_t r1) {
         token_columns_gradient(z, vb, n, v0, r0, r1, tgm.data(), V, st4 + 4 * c0, go + c0, scratch.data());
       });
-      if (low_precision) slab.copy_(zf);  // the gradient slab in the GEMMs' dtype
+      if (!zf.is_same(slab)) slab.copy_(zf);  // the gradient slab in the GEMMs' dtype
       if (need_gw) gw.add_block(v0, slab, hc);
       if (need_gb) gb.narrow(0, v0, vb).add_(at::sum(zf, {1}));
-      if (need_gh) {
-        const at::Tensor w_t = weight.narrow(0, v0, vb).t();
-        if (v0 == 0) {
-          at::mm_out(acc_t, w_t, slab);
-        } else {
-          acc_t.addmm_(w_t, slab);
-        }
-      }
+      if (need_gh) add_hidden_block(acc_t, weight, v0, slab);
     }
     if (need_gw) gw.end_chunk();
     if (need_gh) gh.narrow(0, c0, n).copy_(acc_t.t());
