@@ -300,19 +300,30 @@ def test_default_chunk_size_rule():
     from unlearn_fast.ops import token_stats as ts
 
     budget, floor = _linear_head.CHUNK_BYTES, _linear_head.MIN_CHUNK_ROWS
+    split, split_rows = _linear_head.SPLIT_CHUNKS, _linear_head.SPLIT_CHUNK_ROWS
     for vocab in (32000, 151936, 4099, 97):
         for fn, buffers in ((fl.default_chunk_size, 2), (ts.default_chunk_size, 1)):
             c = fn(vocab)
             assert c % 8 == 0 and c >= floor
             assert c == floor or 4 * buffers * c * vocab <= budget < 4 * buffers * (c + 8) * vocab
             assert fn(vocab, num_tokens=5) == 5
-            for n in (300, 1000, 4097, 20000):
+            budget_bound = c == floor and 4 * buffers * floor * vocab > budget
+            for n in (300, 512, 600, 1000, 4097, 20000):
                 cn = fn(vocab, num_tokens=n)
                 chunks = -(-n // cn)
                 assert cn <= n and (cn == n or cn % 8 == 0)
-                # balanced: no thin last chunk; each chunk at least the unbalanced size
+                # balanced: no thin last chunk
                 assert n - (chunks - 1) * cn > cn - 8 * chunks
-                assert cn >= min(c, n) and cn < 2 * c + 8
+                assert cn < 2 * c + 8
+                if budget_bound and n // c < split and n >= split * split_rows:
+                    # a large vocabulary splits a few hundred tokens into at least 3 chunks
+                    assert chunks >= split and cn >= split_rows
+                else:
+                    # each chunk at least the unbalanced size
+                    assert cn >= min(c, n)
+    assert fl.default_chunk_size(151936, num_tokens=512) == 176
+    assert ts.default_chunk_size(151936, num_tokens=1024) == 256
+    assert fl.default_chunk_size(32000, num_tokens=512) == 512
 
 
 def test_float64_runs_eager_and_explicit_fast_refuses():

@@ -23,6 +23,11 @@ import torch
 CHUNK_BYTES = 128 * 2**20
 # The fewest rows a chunk gets whatever the budget (see default_chunk_size).
 MIN_CHUNK_ROWS = 256
+# When the budget is below MIN_CHUNK_ROWS (a large vocabulary), the tokens are still
+# split into at least SPLIT_CHUNKS chunks while each keeps SPLIT_CHUNK_ROWS rows, so a
+# few hundred tokens do not sit in one or two chunks as big as eager's logits.
+SPLIT_CHUNKS = 3
+SPLIT_CHUNK_ROWS = 168
 # Vocabulary rows per partial product when a low-precision weight gradient is summed in
 # float32 (see add_weight_grad).
 WEIGHT_GRAD_SLAB = 4096
@@ -40,13 +45,21 @@ def default_chunk_size(vocab_size: int, buffers: int, num_tokens: Optional[int] 
        ~0.83x the rate of 256; the plain row-major product: 64 rows at ~0.5x);
     3. with ``num_tokens`` given, as many equal chunks as fit whole (sizes rounded up to a
        multiple of 8, between that size and twice it, never more than num_tokens), so no
-       chunk is a thin GEMM; the buffers may then take up to twice the budget.
+       chunk is a thin GEMM; the buffers may then take up to twice the budget;
+    4. and where step 2 overrode the budget, at least ``SPLIT_CHUNKS`` chunks if each
+       keeps ``SPLIT_CHUNK_ROWS`` rows (so 512 tokens at V = 151,936 run as 3 x 176, not
+       2 x 256: the buffers hold a third of the tokens' logits, not half).  Measured on
+       the 2-core CPU at N = 512: 176-row chunks as fast as 256 for the trainable-head
+       cross-entropy and both fused linear DMK cases (within 3 %).
     """
-    c = CHUNK_BYTES // (4 * buffers * max(int(vocab_size), 1))
-    c = max(MIN_CHUNK_ROWS, c - c % 8)
+    budget_rows = CHUNK_BYTES // (4 * buffers * max(int(vocab_size), 1))
+    budget_rows -= budget_rows % 8
+    c = max(MIN_CHUNK_ROWS, budget_rows)
     if num_tokens is not None:
         n = max(1, int(num_tokens))
         chunks = max(1, n // c)
+        if budget_rows < MIN_CHUNK_ROWS:
+            chunks = max(chunks, min(SPLIT_CHUNKS, n // SPLIT_CHUNK_ROWS))
         c = min(n, -(-(-(-n // chunks)) // 8) * 8)
     return c
 

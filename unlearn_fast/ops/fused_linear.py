@@ -37,7 +37,8 @@ How the fused backends compute it (cpp, cuda, triton):
 Chunk size (``default_chunk_size``): the two float32 (chunk, V) logits buffers within
 128 MiB, rounded down to a multiple of 8, but at least 256 rows (thin GEMMs run far below
 the BLAS peak) and balanced over the tokens (see ``_linear_head.default_chunk_size``): 520
-tokens at V = 32,000, 256 at V = 151,936.  Extra memory beyond
+tokens at V = 32,000, 256 at V = 151,936 (a few hundred tokens there are still split in
+three: 512 run as 3 x 176).  Extra memory beyond
 inputs and returned gradients: those buffers, the saved statistics (20 bytes a token),
 the per-row hidden gradient (N x H, the size of the returned one), and for a trainable
 bfloat16/float16 head the float32 (V, H) weight-gradient accumulator (a float32 head
@@ -319,7 +320,7 @@ def fused_linear_dual_masked_kl(student_hidden: torch.Tensor, student_weight: to
         student_bias, teacher_bias: optional (V,) head biases (the student's receives a
             gradient if it requires grad).
         chunk_size: tokens per chunk for the fused backends (default
-            :func:`default_chunk_size`: 520 tokens at V = 32,000, 104 at V = 151,936).
+            :func:`default_chunk_size`: 520 tokens at V = 32,000, 256 at V = 151,936).
         backend: "auto", "eager" (full logits, then the eager reference), "cpp", "triton",
             "cuda".
 
