@@ -543,17 +543,22 @@ def _plot(out: str, rows: Dict[str, dict], base_rows: Dict[str, dict]) -> Option
     metrics = ["efficacy", "generality", "specificity", "text_retention", "forget_vqa_mc_accuracy",
                "forget_text_mc_accuracy"]
     names = [("original", base_rows.get("lm", {}))] + [(m, r) for m, r in rows.items() if m != "multidelete"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     ax = axes[0]
     width = 0.8 / max(len(names), 1)
     for j, (n, r) in enumerate(names):
         vals = [r.get(k) if isinstance(r.get(k), (int, float)) else 0 for k in metrics]
         ax.bar([i + j * width for i in range(len(metrics))], vals, width, label=n)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))])
-    ax.set_xticklabels(["effic.", "gener.", "specif.", "text ret.", "forget VQA MC", "forget QA MC"], fontsize=8)
+    # arrows: the direction a successful unlearning moves each metric (forget-set text-only
+    # MC has none: MMUnlearner keeps it, the text-side baselines lower it)
+    ax.set_xticklabels(["efficacy ↑", "generality ↑", "specificity ↑", "text\nretention ↑", "forget\nVQA MC ↓",
+                        "forget\nQA MC"], fontsize=8)
     ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
     ax.set_title("language-model methods")
-    ax.legend(fontsize=7, ncol=2)
+    # below the axes: inside, the legend would hide bars that reach 100 %
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     ax = axes[1]
     md = rows.get("multidelete")
     if md:

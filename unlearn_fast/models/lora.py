@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Iterator, List, Optional
 
 import torch
@@ -44,7 +45,11 @@ def apply_lora(model, r: int = 8, alpha: Optional[int] = None, where: str = "lan
         raise ValueError("the model already has peft adapters")
     cfg = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
                      target_modules=lora_target_modules(model, where), bias="none")
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated ``is_gradient_checkpointing`` attribute; the
+        # FutureWarning is about peft's code, not the caller's, and would print on every run.
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 class Reference:
