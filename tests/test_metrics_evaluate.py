@@ -187,3 +187,15 @@ def test_eval_cli_bad_input_fails_fast(tmp_path, capsys):
     assert main(["eval", "--model", model_dir, "--concept", "eleventy", "--out", str(tmp_path / "o")]) == 2
     assert "eleventy" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o" / "eval.json")  # nothing half-written
+    # a bad path after a good model fails before the good one is evaluated, with a hint for
+    # a training run's folder (it holds a checkpoint, not a model)
+    run_dir = tmp_path / "runs" / "siu"
+    (run_dir / "checkpoint").mkdir(parents=True)
+    assert main(["eval", "--model", model_dir, "--model", str(run_dir), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--save-model" in err and "[eval]" not in err
+    (run_dir / "model").mkdir()
+    assert main(["eval", "--model", model_dir, "--reference-model", str(run_dir), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--reference-model" in err and "did you mean" in err and "[eval]" not in err
+    assert not os.path.exists(tmp_path / "o" / "eval.json")

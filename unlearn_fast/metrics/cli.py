@@ -50,6 +50,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--before", default=None, help="label of the 'before' model in before_after.png")
 
 
+BUILTIN_MODELS = ("builtin", "builtin-llava", "builtin-clip")
+
+
+def check_model_spec(spec: str, flag: str = "--model") -> None:
+    """Raise a clear error unless ``spec`` names a built-in model or a saved model folder
+    (config.json, or a peft adapter_config.json).  Cheap: run on every spec before any
+    model is loaded, so a typo in the last --model does not surface after the others ran."""
+    if spec in BUILTIN_MODELS:
+        return
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(f"{flag} {spec!r}: not {', '.join(map(repr, BUILTIN_MODELS))} or a model folder")
+    if any(os.path.exists(os.path.join(spec, f)) for f in ("config.json", "adapter_config.json")):
+        return
+    hint = "save the model with save_pretrained"
+    if os.path.isdir(os.path.join(spec, "model")):
+        hint = f"did you mean {os.path.join(spec, 'model')!r}?"
+    elif os.path.isdir(os.path.join(spec, "checkpoint")):
+        hint = "this is a training run's folder: run it with --save-model to write a model folder"
+    raise FileNotFoundError(f"{flag} {spec!r}: no config.json or adapter_config.json ({hint})")
+
+
 def load_model(spec: str, device: str) -> Tuple[object, object, Optional[object]]:
     """(model, tokenizer, builtin task or None) for --model / --reference-model."""
     if spec in ("builtin", "builtin-llava"):
@@ -62,8 +83,7 @@ def load_model(spec: str, device: str) -> Tuple[object, object, Optional[object]
 
         model, tok, task = load_builtin_clip()
         return model.to(device), tok, task
-    if not os.path.isdir(spec):
-        raise FileNotFoundError(f"--model {spec!r}: not 'builtin', 'builtin-clip' or a model folder")
+    check_model_spec(spec)
     import transformers
     from transformers import AutoTokenizer
 
@@ -74,8 +94,6 @@ def load_model(spec: str, device: str) -> Tuple[object, object, Optional[object]
         base, tok, task = load_model(base_spec, device)
         return PeftModel.from_pretrained(base, spec).to(device).eval(), tok, task
     cfg_path = os.path.join(spec, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"--model {spec!r}: no config.json (save the model with save_pretrained)")
     with open(cfg_path) as f:
         archs = json.load(f).get("architectures") or []
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
@@ -154,6 +172,10 @@ def _main(args) -> int:
     models: Dict[str, dict] = {}
     for path in args.results:  # fail fast on a bad results file, before any model work
         models.update(report.load_results(path))
+    for spec in args.model:  # and on a bad model path
+        check_model_spec(spec)
+    if args.reference_model:
+        check_model_spec(args.reference_model, "--reference-model")
     config = {k: v for k, v in vars(args).items() if k != "func"}
     reference = None
     if args.reference_model:
