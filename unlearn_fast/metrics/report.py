@@ -140,8 +140,11 @@ def _grouped(ax, groups: Sequence[str], series: Sequence[str], value, title: str
     width = 0.8 / max(1, len(series))
     for i, name in enumerate(series):
         vals = [value(name, g) for g in groups]
-        ax.bar([j + i * width for j in range(len(groups))], [0.0 if v is None else float(v) for v in vals],
-               width=width, color=f"C{i % 10}", label=name)
+        xs = [j + i * width for j in range(len(groups))]
+        ax.bar(xs, [0.0 if v is None else float(v) for v in vals], width=width, color=f"C{i % 10}", label=name)
+        for x, v in zip(xs, vals):
+            if v is None:  # not measured for this model: say so rather than draw a 0 bar
+                ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=6, color="gray", rotation=90)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
     ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=7)
     ax.set_title(title, fontsize=8)
@@ -155,17 +158,20 @@ def _figure(plt, items, draw, path: str, title: str, legend: bool) -> Optional[s
         return None
     cols = min(4, len(items))
     rows = (len(items) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.5 * rows + 0.6), squeeze=False)
+    # margins in inches: the title above, the rotated tick labels and the legend below
+    top_in, bottom_in = 0.55, 0.45 + (0.35 if legend else 0.0)
+    height = 2.3 * rows + top_in + bottom_in
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, height), squeeze=False)
     for ax, item in zip(axes.flat, items):
         draw(ax, item)
     for ax in list(axes.flat)[len(items):]:
         ax.axis("off")
     if legend:
         handles, names = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="lower center", ncol=min(6, len(names)), fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.5 / (2.5 * rows + 0.6), bottom=0.6 / (2.5 * rows + 0.6) + 0.1,
-                        wspace=0.35, hspace=0.75)
+        fig.legend(handles, names, loc="lower center", ncol=min(6, len(names)), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10, y=1 - 0.12 / height, va="top")
+    fig.subplots_adjust(left=0.07, right=0.98, top=1 - top_in / height, bottom=bottom_in / height,
+                        wspace=0.35, hspace=0.6)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
