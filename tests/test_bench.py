@@ -231,6 +231,52 @@ def test_line_and_bar_plots(tmp_path):
     assert all((tmp_path / n).stat().st_size > 1000 for n in names)
 
 
+def test_plot_axes_and_ratio_labels(tmp_path, monkeypatch):
+    from unlearn_fast.bench import plots
+
+    figures = {}
+
+    def keep(plt, fig, path):  # record what was drawn instead of only writing it
+        ax = fig.axes[0]
+        figures[os.path.basename(path)] = (ax.get_yscale(), ax.get_ylim(), [t.get_text() for t in ax.texts],
+                                           ax.get_title())
+        plt.close(fig)
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    # a 1.25x gap: linear axis from 0, labelled with eager / cpp; a 100x gap: log axis
+    rows = [_row(op="e2e_siu", shape="V=151936,H=3584", provider="eager", value=10.0),
+            _row(op="e2e_siu", shape="V=151936,H=3584", provider="cpp", value=8.0),
+            _row(op="e2e_siu", shape="V=151936,H=3584", provider="eager", metric="peak_mem_bytes", value=800.0),
+            _row(op="e2e_siu", shape="V=151936,H=3584", provider="cpp", metric="peak_mem_bytes", value=200.0),
+            _row(op="eval_scores", shape="model=wide", provider="per_metric_eager", value=5.0),
+            _row(op="eval_scores", shape="model=wide", provider="fused", value=0.05)]
+    plots.plot_rows(rows, str(tmp_path))
+    scale, ylim, texts, title = figures["e2e_siu_time_median_s.png"]
+    assert scale == "linear" and ylim[0] == 0 and texts == ["1.25x"] and "eager time / this" in title
+    scale, _, texts, _ = figures["e2e_siu_peak_mem_bytes.png"]
+    assert scale == "linear" and texts == ["0.25x"]
+    scale, _, texts, title = figures["eval_scores_time_median_s.png"]
+    assert scale == "log" and texts == ["100.00x"] and "per_metric_eager" in title
+    assert plots._ratio_text(0.00017321) == "0.00017x" and plots._ratio_text(1.2649) == "1.26x"
+    assert plots._case_label("model=wide-head-V151936,N=16,B=16,T=35", "float32", "fwd").split("\n") == [
+        "model=wide-head-V151936,N=16,", "B=16,T=35", "float32", "fwd"]
+
+
+def test_bench_plot_redraws_a_folder(tmp_path, capsys):
+    from unlearn_fast.bench.harness import write_atomic_json
+    from unlearn_fast.cli import main
+
+    assert main(["bench", "plot", "--out", str(tmp_path)]) == 2  # no bench.json there
+    assert "bench.json" in capsys.readouterr().err
+    rows = [_row(op="topk_mask", shape="tensors=3", provider=p, value=v) for p, v in (("eager", 2.0), ("cpp", 1.0))]
+    write_atomic_json(str(tmp_path / "bench.json"), rows)
+    assert main(["bench", "plot", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "topk_mask_time_median_s.png").stat().st_size > 1000
+    assert "topk_mask" in capsys.readouterr().out
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
 # --------------------------------------------------------------------------- summary
 def test_summary_flags_auto_slower_than_eager():
     from unlearn_fast.bench.summary import SLOWER, summarize, to_markdown

@@ -2,6 +2,7 @@
 
     unlearn-fast info                       backends, availability, and why not
     unlearn-fast bench SUITE|all [--quick] [--out DIR]
+    unlearn-fast bench plot --out DIR       re-draw the plots of DIR/bench.json
     unlearn-fast run ...                    unlearning methods end to end (methods/cli.py)
     unlearn-fast eval ...                   the evaluation engine (metrics/cli.py)
     unlearn-fast profile OP                 torch.profiler trace of one op (bench/profile.py)
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("bench", help="benchmark fused ops against eager (speed, peak memory)")
-    p.add_argument("suite", choices=list(SUITES) + ["all"])
+    p.add_argument("suite", choices=list(SUITES) + ["all", "plot"],
+                   help="a suite, all of them, or 'plot': re-draw the plots of --out DIR's bench.json")
     p.add_argument("--quick", action="store_true", help="small shapes, a few seconds per suite")
     p.add_argument("--out", default=None, help="folder for bench.json, bench.csv and plots")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -10,6 +10,7 @@ Each benchmark suite is a module ``unlearn_fast/bench/<name>.py`` defining
 
 The CLI discovers suites by module name (``SUITES``), so adding a suite never touches a
 shared file beyond this list.  Rows follow one schema (``harness.Row``).
+``unlearn-fast bench plot --out DIR`` re-draws the plots of DIR/bench.json.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def run_bench(args) -> int:
     from unlearn_fast.bench.common import bench_device
     from unlearn_fast.bench.harness import Recorder, check_out_dir, set_malloc_policy
 
+    if args.suite == "plot":
+        return replot(args)
     if args.out:
         check_out_dir(args.out)  # a bench.json we could not merge into fails now, not after the run
     device = bench_device(args)
@@ -65,6 +68,31 @@ def run_bench(args) -> int:
 
         for path in write_plots(args.out):
             print(f"wrote {path}")
+    return 0
+
+
+def replot(args) -> int:
+    """``unlearn-fast bench plot --out DIR``: the summary table and the plots of the rows
+    already in DIR/bench.json (after merging results, or a plotting change), measuring
+    nothing."""
+    import os
+    import sys
+
+    from unlearn_fast.bench.harness import read_folder_rows, write_plots
+    from unlearn_fast.bench.summary import report
+
+    if not args.out or not os.path.isfile(os.path.join(args.out, "bench.json")):
+        print(f"unlearn-fast bench plot: --out must name a folder with a bench.json (got {args.out!r})",
+              file=sys.stderr)
+        return 2
+    try:
+        rows = read_folder_rows(args.out)
+    except ValueError as exc:
+        print(f"unlearn-fast bench plot: {exc}", file=sys.stderr)
+        return 2
+    print(report(rows, title=f"bench.json in {args.out}"), flush=True)
+    for path in write_plots(args.out, rows):
+        print(f"wrote {path}")
     return 0
 
 

@@ -342,7 +342,7 @@ class Recorder:
         os.makedirs(out_dir, exist_ok=True)
         rows = self.as_dicts()
         validate_rows(rows)
-        rows = _folder_rows(out_dir) + rows  # merge with rows from other suites run into the same folder
+        rows = read_folder_rows(out_dir) + rows  # merge with rows from other suites run into the same folder
         written = [write_atomic_json(os.path.join(out_dir, "bench.json"), rows)]
         written.append(_write_atomic_csv(os.path.join(out_dir, "bench.csv"), rows))
         from unlearn_fast.bench.summary import write_summary
@@ -353,7 +353,7 @@ class Recorder:
         return written
 
 
-def _folder_rows(out_dir: str) -> List[dict]:
+def read_folder_rows(out_dir: str) -> List[dict]:
     """The rows of out_dir/bench.json ([] when there is none).  A file that is not a list
     of rows in the schema raises: merging would overwrite it, and it may be someone's results."""
     path = os.path.join(out_dir, "bench.json")
@@ -373,14 +373,14 @@ def _folder_rows(out_dir: str) -> List[dict]:
 
 def check_out_dir(out_dir: str) -> None:
     """Raise before any measurement if results could not be merged into ``out_dir``."""
-    _folder_rows(out_dir)
+    read_folder_rows(out_dir)
 
 
 def write_plots(out_dir: str, rows: Optional[List[dict]] = None) -> List[str]:
     """The plots of every row in out_dir/bench.json (or of ``rows``); returns the paths."""
     from unlearn_fast.bench.plots import plot_rows
 
-    return plot_rows(_folder_rows(out_dir) if rows is None else rows, out_dir)
+    return plot_rows(read_folder_rows(out_dir) if rows is None else rows, out_dir)
 
 
 def write_atomic_json(path: str, obj) -> str:

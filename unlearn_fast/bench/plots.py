@@ -3,9 +3,16 @@
 * Line plots (``lines_<op>_vs_<DIM>_<mode>_<dtype>_<fixed dims>.png``): for every op whose
   rows sweep one shape dimension named in ``SWEEP_DIMS`` (vocabulary V, tokens N) with the
   other dimensions, the mode and the dtype fixed: median time (left) and peak memory
-  (right) against that dimension, one line per provider, log-log axes.
+  (right) against that dimension, one line per provider, log x axis.
 * Bar charts (``<op>_<metric>.png``): median time and peak memory per provider for the
-  cases of an op that lie on no line (ops benchmarked at unrelated shapes).
+  cases of an op that lie on no line (ops benchmarked at unrelated shapes), each bar
+  labelled with its ratio to the suite's baseline (eager, or per-metric eager for the
+  evaluation suite; time: baseline / this, as the tables' ``x eager``; memory: this /
+  baseline).
+
+Value axes are logarithmic only where the values span more than ``LOG_SPAN`` (a linear
+axis from 0 otherwise: on a log axis a 1.3x gap looks like 10x and a narrow range shows no
+tick labels).
 
 Shapes are the rows' ``shape`` strings, "N=2048,V=32000" (``parse_shape``).
 """
@@ -18,6 +25,45 @@ from typing import Dict, List, Tuple
 
 SWEEP_DIMS = ("V", "N")  # vocabulary size, tokens
 METRICS = (("time_median_s", "median time (ms)", 1e3), ("peak_mem_bytes", "peak memory (MiB)", 1 / 2**20))
+LOG_SPAN = 20.0
+
+
+def _log_values(values) -> bool:
+    """Whether the positive values span more than LOG_SPAN (then a log value axis)."""
+    positive = [v for v in values if v > 0]
+    return len(positive) >= 2 and max(positive) / min(positive) > LOG_SPAN
+
+
+def _finish_value_axis(ax, log: bool) -> None:
+    """After drawing: a log scale, or a linear one from 0."""
+    if log:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+
+
+def _baseline(providers) -> str:
+    """The provider ratios are taken against (as the summary tables do)."""
+    from unlearn_fast.bench.summary import BASELINES
+
+    return next((b for b in BASELINES if b in providers), "")
+
+
+def _ratio_text(r: float) -> str:
+    """1.27x; small ratios keep two significant digits (0.00017x, not 0.00x)."""
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
+
+
+def _case_label(shape: str, dtype: str, mode: str, width: int = 30) -> str:
+    """Tick label of a bar cluster: the shape wrapped at its commas, then dtype and mode."""
+    lines, line = [], ""
+    for part in shape.split(","):
+        if line and len(line) + 1 + len(part) > width:
+            lines.append(line + ",")
+            line = part
+        else:
+            line = f"{line},{part}" if line else part
+    return "\n".join(lines + [line, dtype, mode])
 
 
 def parse_shape(shape: str) -> Dict[str, object]:
@@ -67,6 +113,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str) -> str:
+    """Write the figure atomically (a reader never sees half a PNG) and close it."""
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def plot_lines(rows: List[dict], out_dir: str) -> Tuple[List[str], set]:
     """Line figures; returns (paths, the (op, shape, dtype, mode) cases they cover)."""
     plt = _pyplot()
@@ -80,14 +135,15 @@ def plot_lines(rows: List[dict], out_dir: str) -> Tuple[List[str], set]:
                 if r["metric"] == metric:
                     by_provider[r["provider"]][parse_shape(r["shape"])[dim]] = r["value"] * scale
             xs_all = sorted({x for pts in by_provider.values() for x in pts})
+            log = _log_values([y for pts in by_provider.values() for y in pts.values()])
             for provider in sorted(by_provider, key=lambda p: (p != "eager", p)):
                 pts = sorted(by_provider[provider].items())
-                # memory can be 0 (nothing beyond the inputs): log axes cannot show it
-                pts = [(x, y) for x, y in pts if y > 0]
+                if log:  # memory can be 0 (nothing beyond the inputs): a log axis cannot show it
+                    pts = [(x, y) for x, y in pts if y > 0]
                 if pts:
                     ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=provider)
+            _finish_value_axis(ax, log)
             ax.set_xscale("log")
-            ax.set_yscale("log")
             ax.set_xticks(xs_all)
             ax.set_xticklabels([str(x) for x in xs_all], fontsize=7)
             ax.minorticks_off()
@@ -98,10 +154,7 @@ def plot_lines(rows: List[dict], out_dir: str) -> Tuple[List[str], set]:
         fig.suptitle(f"{op}  {mode}  {dtype}  ({fixed or 'no other dims'})", fontsize=9)
         fig.tight_layout()
         name = f"lines_{slug(op)}_vs_{dim}_{slug(mode)}_{dtype}" + (f"_{slug(fixed)}" if fixed else "") + ".png"
-        path = os.path.join(out_dir, name)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, os.path.join(out_dir, name)))
         covered.update((r["op"], r["shape"], r["dtype"], r["mode"]) for r in group)
     return written, covered
 
@@ -117,24 +170,35 @@ def plot_bars(rows: List[dict], out_dir: str, skip: set = frozenset()) -> List[s
                 by_op[r["op"]].append(r)
         for op, op_rows in by_op.items():
             cases = sorted({(r["shape"], r["dtype"], r["mode"]) for r in op_rows})
-            providers = sorted({r["provider"] for r in op_rows}, key=lambda p: (p != "eager", p))
-            fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cases)), 4))
+            base = _baseline({r["provider"] for r in op_rows})
+            providers = sorted({r["provider"] for r in op_rows}, key=lambda p: (p != base, p))
+            fig, ax = plt.subplots(figsize=(max(6, 2.0 * len(cases)), 4.2))
             width = 0.8 / max(1, len(providers))
+            values = {(r["provider"], r["shape"], r["dtype"], r["mode"]): r["value"] * scale for r in op_rows}
+            time_metric = metric == "time_median_s"
             for i, prov in enumerate(providers):
-                vals = {(r["shape"], r["dtype"], r["mode"]): r["value"] * scale for r in op_rows if r["provider"] == prov}
                 xs = [j + i * width for j in range(len(cases))]
-                ax.bar(xs, [vals.get(c, 0.0) for c in cases], width=width, label=prov)
+                heights = [values.get((prov, *c), 0.0) for c in cases]
+                bars = ax.bar(xs, heights, width=width, label=prov)
+                if prov == base:
+                    continue
+                ratios = []
+                for c, h in zip(cases, heights):
+                    ref = values.get((base, *c))
+                    ratios.append("" if not (ref and h > 0) else _ratio_text(ref / h if time_metric else h / ref))
+                ax.bar_label(bars, ratios, fontsize=6, padding=1)
+            _finish_value_axis(ax, _log_values(values.values()))
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-            ax.set_xticklabels(["\n".join(c) for c in cases], fontsize=6)
+            ax.set_xticklabels([_case_label(*c) for c in cases], fontsize=6)
             ax.set_ylabel(label)
-            ax.set_yscale("log")
-            ax.set_title(f"{op}: {label}")
+            if base:
+                note = f"{base} time / this" if time_metric else f"this / {base}'s peak"
+                ax.set_title(f"{op}: {label}\n(bar labels: {note})", fontsize=9)
+            else:
+                ax.set_title(f"{op}: {label}", fontsize=9)
             ax.legend(fontsize=7)
             fig.tight_layout()
-            path = os.path.join(out_dir, f"{slug(op)}_{metric}.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(plt, fig, os.path.join(out_dir, f"{slug(op)}_{metric}.png")))
     return written
 
 
