@@ -92,7 +92,10 @@ def load_model(spec: str, device: str) -> Tuple[object, object, Optional[object]
 
         base_spec = PeftConfig.from_pretrained(spec).base_model_name_or_path
         base, tok, task = load_model(base_spec, device)
-        return PeftModel.from_pretrained(base, spec).to(device).eval(), tok, task
+        from unlearn_fast.models.lora import quiet_peft_wrapping
+
+        with quiet_peft_wrapping():
+            return PeftModel.from_pretrained(base, spec).to(device).eval(), tok, task
     cfg_path = os.path.join(spec, "config.json")
     with open(cfg_path) as f:
         archs = json.load(f).get("architectures") or []

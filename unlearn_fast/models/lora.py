@@ -45,11 +45,18 @@ def apply_lora(model, r: int = 8, alpha: Optional[int] = None, where: str = "lan
         raise ValueError("the model already has peft adapters")
     cfg = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
                      target_modules=lora_target_modules(model, where), bias="none")
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated ``is_gradient_checkpointing`` attribute; the
-        # FutureWarning is about peft's code, not the caller's, and would print on every run.
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    with quiet_peft_wrapping():
         return get_peft_model(model, cfg)
+
+
+@contextlib.contextmanager
+def quiet_peft_wrapping():
+    """Wrapping a model in peft adapters (get_peft_model, PeftModel.from_pretrained) reads
+    transformers' deprecated ``is_gradient_checkpointing``; that FutureWarning is about
+    peft's code, not the caller's, and would print on every run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
 
 
 class Reference:
