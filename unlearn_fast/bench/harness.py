@@ -401,6 +401,21 @@ def write_atomic_text(path: str, text: str) -> str:
     return path
 
 
+def write_atomic_figure(fig, path: str, dpi: int = 110) -> str:
+    """Save a matplotlib figure atomically (a reader never sees half an image); the format
+    follows the path's extension.  Closing the figure is the caller's."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    os.replace(tmp, path)
+    return path
+
+
 def _write_atomic_csv(path: str, rows: List[dict]) -> str:
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".csv")

@@ -114,12 +114,13 @@ def _pyplot():
 
 
 def _save(plt, fig, path: str) -> str:
-    """Write the figure atomically (a reader never sees half a PNG) and close it."""
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    """Write the figure atomically and close it."""
+    from unlearn_fast.bench.harness import write_atomic_figure
+
+    try:
+        return write_atomic_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_lines(rows: List[dict], out_dir: str) -> Tuple[List[str], set]:

@@ -390,7 +390,7 @@ def _base_rows(args, out, task, concept, lm, clip, rank, lm_pairs=None) -> Dict[
 
 def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, rank, device) -> dict:
     from unlearn_fast.methods.multidelete import run_multidelete
-    from unlearn_fast.methods.runner import measure_step_seconds, run_lm_method
+    from unlearn_fast.methods.runner import run_lm_method
 
     mdir = os.path.join(out, method)
     done = os.path.join(mdir, "result.json")
@@ -586,9 +586,9 @@ def _plot(out: str, rows: Dict[str, dict], base_rows: Dict[str, dict]) -> Option
     else:
         ax.axis("off")
     fig.tight_layout()
-    path = os.path.join(out, "results.png")
-    tmp = os.path.join(out, f".tmp-{os.getpid()}-results.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    from unlearn_fast.bench.harness import write_atomic_figure
+
+    try:
+        return write_atomic_figure(fig, os.path.join(out, "results.png"))
+    finally:
+        plt.close(fig)

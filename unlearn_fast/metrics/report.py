@@ -172,9 +172,12 @@ def _figure(plt, items, draw, path: str, title: str, legend: bool) -> Optional[s
     fig.suptitle(title, fontsize=10, y=1 - 0.12 / height, va="top")
     fig.subplots_adjust(left=0.07, right=0.98, top=1 - top_in / height, bottom=bottom_in / height,
                         wspace=0.35, hspace=0.6)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from unlearn_fast.bench.harness import write_atomic_figure
+
+    try:
+        return write_atomic_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def plot_report(models: Mapping[str, Mapping], out_dir: str, before: Optional[str] = None) -> List[str]:
