@@ -205,11 +205,26 @@ def test_topk_selection_details(backend):
     assert [d.tolist() for d in out.to_dense()] == [[False, True, True, True], [[False, False], [True, False]]]
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_nan_ranks_above_every_number(backend):
     scores = [torch.tensor([1.0, float("nan"), float("inf"), -5.0, 0.0])]
     out = S.topk_mask(scores, 0.4, backend=backend)
     assert out.to_dense()[0].tolist() == [False, True, True, False, False]
+    assert out.meta["threshold"] == math.inf
+    # a NaN inside the top k (the eager path once compared floats, and NaN == kth is false)
+    out = S.topk_mask([torch.tensor([float("nan"), 2.0, 1.0])], 2 / 3, backend=backend)
+    assert out.to_dense()[0].tolist() == [True, True, False] and out.meta["threshold"] == 2.0
+    assert [d.tolist() for d in K.reference_topk_bits([torch.tensor([float("nan"), 2.0, 1.0])], 2)] == \
+        [[True, True, False]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_keeps_bfloat16_subnormals_apart_from_zero(backend):
+    # 9.18e-41 is a bfloat16 subnormal; its key must differ from 0's on every backend
+    scores = [torch.tensor([1.0, 9.183549615799121e-41, 0.0, 0.0]).bfloat16()]
+    out = S.topk_mask(scores, 0.75, backend=backend)
+    assert out.to_dense()[0].tolist() == [True, True, True, False]
+    assert out.count() == 3
 
 
 @pytest.mark.skipif("cpp" not in FAST, reason="needs the C++ extension")
@@ -292,6 +307,28 @@ def test_bitmask_load_rejects_bad_files(tmp_path):
     save_file({"words": torch.tensor([1], dtype=torch.int32)}, str(tmp_path / "c"), metadata=md)
     with pytest.raises(ValueError, match="outside"):
         S.BitMask.load(tmp_path / "c")
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"shapes": [[-1]]}, "malformed"),                       # a negative dimension
+    ({"shapes": [[1 << 40, 1 << 20]]}, "outside"),          # huge: refused before allocating
+    ({"word_offsets": ["0"]}, "malformed"),                  # not an int
+    ({"word_offsets": [True]}, "malformed"),
+    ({"shapes": "3"}, "malformed"),
+    ({"names": {"x": 1}}, "malformed"),
+    ({"meta": []}, "malformed"),
+    ({"shapes": [[3]], "words": [0, 0]}, "payload has 2 words"),  # trailing words
+])
+def test_bitmask_load_checks_metadata_before_allocating(tmp_path, change, match):
+    from safetensors.torch import save_file
+
+    fields = {"names": ["x"], "shapes": [[3]], "word_offsets": [0], "meta": {}, "words": [1]}
+    fields.update(change)
+    md = {"format": S.FORMAT, "version": S.FORMAT_VERSION, "has_names": "1",
+          **{k: json.dumps(v) for k, v in fields.items() if k != "words"}}
+    save_file({"words": torch.tensor(fields["words"], dtype=torch.int32)}, str(tmp_path / "m"), metadata=md)
+    with pytest.raises(ValueError, match=match):
+        S.BitMask.load(tmp_path / "m")
 
 
 def test_bitmask_constructor_checks():
@@ -391,6 +428,45 @@ def test_transform_non_contiguous_gradient_and_zero_retain(backend):
     info = S.transform_gradients_(g, mask, project_out=[torch.zeros(37, 19)], backend=backend)
     assert torch.equal(base.t(), expect)  # written through the view
     assert float(info.projection_coef) == 0.0  # r = 0: nothing removed, no NaN
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transform_masked_out_inf_and_nan_become_zero(backend):
+    g = [torch.tensor([1.0, float("inf"), float("nan"), float("inf")])]
+    mask = S.BitMask.from_dense([torch.tensor([True, False, False, True])])
+    S.transform_gradients_(g, mask, backend=backend)
+    assert g[0][:3].tolist() == [1.0, 0.0, 0.0] and g[0][3] == float("inf")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mappings_are_matched_by_name_not_position(backend):
+    ones, zeros = torch.ones(2), torch.zeros(2)
+    # ratio_mask: preserve given in the other order
+    m = S.ratio_mask({"a": ones, "b": zeros}, {"b": ones * 4, "a": zeros}, backend=backend)
+    assert m.names == ["a", "b"] and [d.tolist() for d in m.to_dense()] == [[True, True], [False, False]]
+    with pytest.raises(ValueError, match="names differ"):
+        S.ratio_mask({"x": ones}, {"y": ones}, backend=backend)
+    with pytest.raises(ValueError, match="unnamed list"):
+        S.ratio_mask([ones], {"y": ones}, backend=backend)
+    # FisherAccumulator: grads as a mapping in another order than the parameters
+    acc = S.FisherAccumulator({"a": torch.zeros(2), "b": torch.zeros(2)}, backend=backend)
+    acc.accumulate({"b": ones * 3, "a": ones})
+    assert acc.fisher[0].tolist() == [1.0, 1.0] and acc.fisher[1].tolist() == [9.0, 9.0]
+    # transform: the named mask and the preserve Fisher line up with the gradients by name
+    mask = S.BitMask.from_dense([torch.tensor([True, True]), torch.tensor([False, False])], names=["a", "b"])
+    grads = {"b": ones * 5, "a": ones * 2}
+    S.transform_gradients_(grads, mask, mode="geometry", preserve_fisher={"a": ones, "b": ones}, lam=1.0,
+                           backend=backend)
+    assert grads["a"].tolist() == [1.0, 1.0] and grads["b"].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="mask's parameter names differ"):
+        S.transform_gradients_({"c": ones.clone(), "a": ones.clone()}, mask, backend=backend)
+    # reset: originals matched by the parameters' names
+    params = {"b": ones.clone(), "a": ones.clone()}
+    S.reset_unmasked_(params, {"a": zeros - 1, "b": zeros - 2}, mask, backend=backend)
+    assert params["a"].tolist() == [1.0, 1.0] and params["b"].tolist() == [-2.0, -2.0]
+    # topk_mask: names= given with a mapping reorders it
+    t = S.topk_mask({"a": torch.tensor([1.0]), "b": torch.tensor([9.0])}, 0.5, names=["b", "a"], backend=backend)
+    assert t.names == ["b", "a"] and [d.tolist() for d in t.to_dense()] == [[True], [False]]
 
 
 def test_transform_compiles_fullgraph():

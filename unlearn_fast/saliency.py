@@ -20,6 +20,10 @@ any sizes and dtypes.
   whatever parameters are trainable (LoRA-aware); a pattern that matches no trainable
   parameter raises an error naming it.
 
+Tensor lists may be given as mappings name -> tensor (e.g. ``dict(model.named_parameters())``).
+Two mappings, or a mapping and a named ``BitMask``, are matched by name, never by position,
+and must hold the same names; plain lists are matched by position.
+
 Backends ("auto", "eager", "cpp", "triton", "cuda") dispatch through
 ``unlearn_fast.backends``; "eager" is the papers' per-parameter code (and torch.cat +
 torch.topk for the top-k), the baseline and the test oracle.  float64 inputs run on the
@@ -77,6 +81,29 @@ def _tensor_list(x, name: str, *, allow_none: bool = False) -> List[Optional[tor
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}[{i}] must be floating point (float32/bfloat16/float16/float64), got {t.dtype}")
     return out
+
+
+def _mapping_names(x) -> Optional[List[str]]:
+    return [str(k) for k in x.keys()] if isinstance(x, Mapping) else None
+
+
+def _in_order(x, names: Optional[Sequence[str]], name: str, ref_name: str):
+    """``x`` itself, or, when ``x`` is a mapping name -> tensor, its tensors in the order
+    of ``names`` (the names of ``ref_name``'s tensors): two mappings are matched by name,
+    never by position, and their keys must be the same."""
+    if not isinstance(x, Mapping):
+        return x
+    if names is None:
+        raise ValueError(f"{name} is a mapping name -> tensor but {ref_name} is an unnamed list; pass both as "
+                         f"mappings (matched by name) or both as lists (matched by position)")
+    keys = [str(k) for k in x.keys()]
+    if sorted(keys) != sorted(names):
+        missing = [n for n in names if n not in set(keys)]
+        extra = [k for k in keys if k not in set(names)]
+        raise ValueError(f"{name}'s names differ from {ref_name}'s: missing {missing[:5]}, not in {ref_name} "
+                         f"{extra[:5]}")
+    by_key = {str(k): v for k, v in x.items()}
+    return [by_key[n] for n in names]
 
 
 def _check_aligned(ref: Sequence[torch.Tensor], other: Sequence[Optional[torch.Tensor]], ref_name: str, name: str,
@@ -330,34 +357,59 @@ class BitMask:
             flat = f.get_tensor("words")
         try:
             names = json.loads(md["names"])
-            shapes = [torch.Size(s) for s in json.loads(md["shapes"])]
+            shapes = json.loads(md["shapes"])
             offsets = json.loads(md["word_offsets"])
             meta = json.loads(md.get("meta", "{}"))
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{path}: malformed BitMask metadata ({exc})") from exc
-        if flat.dtype != torch.int32 or len(shapes) != len(names) or len(offsets) != len(shapes):
+
+        def is_count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        # Everything is checked before anything is allocated: a file is user input.
+        well_formed = (isinstance(names, list) and all(isinstance(n, str) for n in names)
+                       and isinstance(shapes, list) and all(isinstance(s, list) and all(is_count(d) for d in s)
+                                                            for s in shapes)
+                       and isinstance(offsets, list) and all(is_count(o) for o in offsets)
+                       and isinstance(meta, dict) and flat.dtype == torch.int32 and flat.dim() == 1
+                       and len(shapes) == len(names) == len(offsets))
+        if not well_formed:
             raise ValueError(f"{path}: malformed BitMask file")
+        needed = [K.words_for(math.prod(s)) for s in shapes]
+        for i, (off, n) in enumerate(zip(offsets, needed)):
+            if off + n > flat.numel():
+                raise ValueError(f"{path}: words of tensor {i} ({names[i]}) lie outside the payload")
+        if sum(needed) != flat.numel():
+            raise ValueError(f"{path}: the payload has {flat.numel()} words but the shapes need {sum(needed)}")
+        shapes = [torch.Size(s) for s in shapes]
         out = cls.zeros(shapes, [device] * len(shapes), names if md.get("has_names") == "1" else None, meta)
         for i, (w, off) in enumerate(zip(out.words, offsets)):
-            n = w.numel()
-            if off < 0 or off + n > flat.numel():
-                raise ValueError(f"{path}: words of tensor {i} lie outside the payload")
-            src = flat[off:off + n]
+            src = flat[off:off + w.numel()]
             tail = shapes[i].numel() % 32
-            if n and tail and int(src[-1]) & ~((1 << tail) - 1) & 0xFFFFFFFF:
+            if src.numel() and tail and int(src[-1]) & ~((1 << tail) - 1) & 0xFFFFFFFF:
                 raise ValueError(f"{path}: tensor {i} ({names[i]}) has bits set past its end")
             w.copy_(src)
         return out
 
 
-def _mask_words(mask, ref: Sequence[torch.Tensor], ref_name: str) -> Optional[List[torch.Tensor]]:
-    """The per-tensor words of ``mask`` (a BitMask or a list of bool tensors), checked
-    against ``ref``'s shapes and devices."""
+def _mask_words(mask, ref: Sequence[torch.Tensor], ref_name: str, names: Optional[Sequence[str]] = None
+                ) -> Optional[List[torch.Tensor]]:
+    """The per-tensor words of ``mask`` (a BitMask, or bool tensors as a list or a mapping),
+    checked against ``ref``'s shapes and devices.  Where ``ref``'s tensors are named
+    (``names``) and the mask is too, they are matched by name."""
     if mask is None:
         return None
-    if not isinstance(mask, BitMask):
+    if isinstance(mask, BitMask):
+        if names is not None and mask.names is not None and list(mask.names) != list(names):
+            if sorted(mask.names) != sorted(names):
+                raise ValueError(f"the mask's parameter names differ from {ref_name}'s: missing "
+                                 f"{[n for n in names if n not in set(mask.names)][:5]}, not in {ref_name} "
+                                 f"{[n for n in mask.names if n not in set(names)][:5]}")
+            mask = mask.select(names)
+    else:
         if isinstance(mask, torch.Tensor):
             raise TypeError("mask must be a BitMask or a list of bool tensors, got a single tensor")
+        mask = _in_order(mask, names, "mask", ref_name)
         try:
             mask = BitMask.from_dense(list(mask))
         except TypeError as exc:
@@ -407,7 +459,7 @@ class FisherAccumulator:
         scale = _check_number(scale, "scale")
         if grads is None:
             grads = [p.grad for p in self.params]
-        grads = _tensor_list(grads, "grads", allow_none=True)
+        grads = _tensor_list(_in_order(grads, self.names, "grads", "params"), "grads", allow_none=True)
         _check_aligned(self.fisher, grads, "params", "grads", self.names)
         with torch.no_grad():
             for (dev, dt), idx in _groups(grads).items():
@@ -448,10 +500,10 @@ def ratio_mask(forget_fisher, preserve_fisher, threshold: float = 1.0, eps: floa
     paper's convention: with threshold 1, a weight with F_f = F_p = 0 is selected.
     Fishers that are not float32 (bfloat16 / float16) are converted first.
     """
-    if isinstance(forget_fisher, Mapping) and names is None:
-        names = list(forget_fisher.keys())
-    ff = _tensor_list(forget_fisher, "forget_fisher")
-    fp = _tensor_list(preserve_fisher, "preserve_fisher")
+    if names is None:
+        names = _mapping_names(forget_fisher)
+    ff = _tensor_list(_in_order(forget_fisher, names, "forget_fisher", "names"), "forget_fisher")
+    fp = _tensor_list(_in_order(preserve_fisher, names, "preserve_fisher", "forget_fisher"), "preserve_fisher")
     _check_aligned(ff, fp, "forget_fisher", "preserve_fisher", names)
     threshold = _check_number(threshold, "threshold")
     eps = _check_number(eps, "eps", nonneg=True)
@@ -601,9 +653,14 @@ def _nth_tie(score: torch.Tensor, plans, index: int, key: int, nth: int) -> int:
     cum = torch.cumsum(counts, 0)
     c = int(torch.searchsorted(cum, torch.tensor([nth]))[0])
     before = int(cum[c] - counts[c])
-    chunk = K.abs_keys(flat[starts[c]:starts[c] + TIE_SEARCH_CHUNK].cpu())
-    pos = torch.nonzero(chunk == key).reshape(-1)[nth - before - 1]
-    return starts[c] + int(pos) + 1
+    if c < len(starts):
+        chunk = K.abs_keys(flat[starts[c]:starts[c] + TIE_SEARCH_CHUNK].cpu())
+        hits = torch.nonzero(chunk == key).reshape(-1)
+        if nth - before <= hits.numel():
+            return starts[c] + int(hits[nth - before - 1]) + 1
+    # the backend's key counts disagree with torch's keys of the same values: a kernel bug
+    raise RuntimeError(f"top-k tie search: the backend counted more elements with key {key:#x} than torch "
+                       f"finds in tensor {index}; please report this with the scores' dtype")
 
 
 def topk_threshold(scores, fraction: Optional[float] = None, *, k: Optional[int] = None, backend: str = "auto"
@@ -648,9 +705,9 @@ def topk_mask(scores, fraction: float, *, names: Optional[Sequence[str]] = None,
     mask); the eager backend concatenates and calls torch.topk.  ``mask.meta`` holds the
     threshold, k and the tie counts.
     """
-    if isinstance(scores, Mapping) and names is None:
-        names = list(scores.keys())
-    scores = _tensor_list(scores, "scores")
+    if names is None:
+        names = _mapping_names(scores)
+    scores = _tensor_list(_in_order(scores, names, "scores", "names"), "scores")
     total = sum(s.numel() for s in scores)
     k = _k_from_fraction(fraction, total)
     devices = {s.device for s in scores}
@@ -666,8 +723,11 @@ def topk_mask(scores, fraction: float, *, names: Optional[Sequence[str]] = None,
         for w, d in zip(out.words, dense):
             if d.numel():
                 w.copy_(K.pack_bits(d).to(w.device))
-        flat_kept = torch.cat([s.reshape(-1).float().abs()[d] for s, d in zip(scores_c, dense)]) if k else None
-        out.meta["threshold"] = float(flat_kept.min()) if k else math.inf
+        if k:  # the smallest kept key, as a float (NaN when NaNs fill the top k)
+            kept = torch.cat([K.abs_keys(s)[d] for s, d in zip(scores_c, dense)])
+            out.meta["threshold"] = K.key_to_float(int(kept.min()))
+        else:
+            out.meta["threshold"] = math.inf
         return out
     sel = _select(scores, k, backend, _Comm())
     meta.update(threshold=sel.threshold, greater=sel.greater, ties=sel.ties, ties_kept=sel.ties_kept)
@@ -681,9 +741,9 @@ def topk_mask_distributed(scores, fraction: float, *, group=None, names: Optiona
     all-reduced over ``group`` (gloo on CPU, NCCL on GPU), so each rank gets the mask of
     its own tensors, equal to the single-process answer over the ranks' lists
     concatenated in rank order (ties go to lower ranks first).  Every rank must call it."""
-    if isinstance(scores, Mapping) and names is None:
-        names = list(scores.keys())
-    scores = _tensor_list(scores, "scores")
+    if names is None:
+        names = _mapping_names(scores)
+    scores = _tensor_list(_in_order(scores, names, "scores", "names"), "scores")
     sel, meta = _select_distributed(scores, fraction, group, backend)
     return _write_topk(scores, sel, backend, names, meta)
 
@@ -745,22 +805,23 @@ def transform_gradients_(grads, mask=None, mode: str = "mask", preserve_fisher=N
             factor.  Needs ``max_norm``; not with ``project_out`` (its dot products would
             be local to the shard).
     """
+    names = _mapping_names(grads) or (mask.names if isinstance(mask, BitMask) else None)
     g = _tensor_list(grads, "grads")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    words = _mask_words(mask, g, "grads")
+    words = _mask_words(mask, g, "grads", names)
     preserve = None
     if mode == "geometry":
         if preserve_fisher is None:
             raise ValueError("mode='geometry' needs preserve_fisher (the preserve-set Fisher)")
-        preserve = _tensor_list(preserve_fisher, "preserve_fisher")
+        preserve = _tensor_list(_in_order(preserve_fisher, names, "preserve_fisher", "grads"), "preserve_fisher")
         _check_aligned(g, preserve, "grads", "preserve_fisher")
         lam = _check_number(lam, "lam", positive=True)
     elif preserve_fisher is not None:
         raise ValueError("preserve_fisher is only used with mode='geometry'")
     retain = None
     if project_out is not None:
-        retain = _tensor_list(project_out, "project_out")
+        retain = _tensor_list(_in_order(project_out, names, "project_out", "grads"), "project_out")
         _check_aligned(g, retain, "grads", "project_out")
     if max_norm is not None:
         max_norm = _check_number(max_norm, "max_norm", positive=True)
@@ -833,13 +894,14 @@ def _fused_transform(g, words, preserve, lam, retain, max_norm, names, total_nor
 def reset_unmasked_(params, originals, mask, *, backend: str = "auto") -> None:
     """SalUn's reset, in place: theta <- m * theta + (1 - m) * theta_orig, i.e. every
     weight whose mask bit is 0 returns to its original value (a bitwise copy)."""
+    names = _mapping_names(params) or (mask.names if isinstance(mask, BitMask) else None)
     p = _tensor_list(params, "params")
-    o = _tensor_list(originals, "originals")
+    o = _tensor_list(_in_order(originals, names, "originals", "params"), "originals")
     _check_aligned(p, o, "params", "originals")
     for i, (a, b) in enumerate(zip(p, o)):
         if a.dtype != b.dtype:
             raise TypeError(f"originals[{i}] has dtype {b.dtype} but params[{i}] has {a.dtype}")
-    words = _mask_words(mask, p, "params")
+    words = _mask_words(mask, p, "params", names)
     if words is None:
         raise ValueError("mask is required")
     with torch.no_grad():

@@ -147,17 +147,21 @@ def eager_popcount(words: Tensors) -> torch.Tensor:
 def reference_topk_bits(scores: Tensors, k: int) -> Tensors:
     """SalUn's global top-k as its code does it: concatenate |scores|, torch.topk for the
     k-th largest value, then our tie rule (ties at the threshold kept in list order) with
-    a cumulative count over the concatenation.  Returns flat bool tensors."""
-    flat = torch.cat([s.reshape(-1).to(torch.float32).abs() for s in scores]) if scores else torch.zeros(0)
-    n = flat.numel()
+    a cumulative count over the concatenation.  Returns flat bool tensors.
+
+    The values compared are ``abs_keys`` (|x|'s float32 bit patterns), which order every
+    number as |x| does and put NaN above +inf, as the fused kernels do; comparing floats
+    would drop a NaN that torch.topk had kept (NaN > kth and NaN == kth are both false)."""
+    keys = torch.cat([abs_keys(s) for s in scores]) if scores else torch.zeros(0, dtype=torch.int32)
+    n = keys.numel()
     if k <= 0 or n == 0:
-        keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        keep = torch.zeros(n, dtype=torch.bool, device=keys.device)
     elif k >= n:
-        keep = torch.ones(n, dtype=torch.bool, device=flat.device)
+        keep = torch.ones(n, dtype=torch.bool, device=keys.device)
     else:
-        kth = torch.topk(flat, k, sorted=False).values.min()
-        greater = flat > kth
-        ties = flat == kth
+        kth = torch.topk(keys, k, sorted=False).values.min()
+        greater = keys > kth
+        ties = keys == kth
         need = k - int(greater.sum())
         keep = greater | (ties & (torch.cumsum(ties, 0) <= need))
     out, start = [], 0
@@ -172,7 +176,7 @@ def reference_transform_(grads: Tensors, dense_masks: Optional[Sequence[torch.Te
                          max_norm: Optional[float], total_norm: Optional[float] = None):
     """The papers' per-parameter code: clip by the global norm (torch's clip_grad_norm_
     formula, in the gradients' dtype; ``total_norm``, when given, is that norm: the grads
-    are one rank's shards), multiply each gradient by its float mask, divide by
+    are one rank's shards), zero each gradient where its mask is 0, divide by
     (F_p + lam) for the geometry mode, then subtract the projection onto the retain
     gradient.  In place; returns (total_norm, clip_coef, proj_coef) as tensors or None."""
     total = clip = proj = None
@@ -186,8 +190,8 @@ def reference_transform_(grads: Tensors, dense_masks: Optional[Sequence[torch.Te
         for g in grads:
             g.mul_(clip.to(g.dtype))
     for i, g in enumerate(grads):
-        if dense_masks is not None:
-            g.mul_(dense_masks[i].to(g.dtype).view(g.shape))
+        if dense_masks is not None:  # a select, as the kernels do: masked-out inf / NaN become 0
+            g.masked_fill_(dense_masks[i].view(g.shape) == 0, 0)
         if preserve is not None:
             g.div_((preserve[i].view(g.shape) + lam).to(g.dtype))
     if retain is not None:

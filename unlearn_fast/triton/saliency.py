@@ -128,9 +128,15 @@ def _ratio_kernel(w_ptrs, a_ptrs, b_ptrs, numel_ptr, first_ptr, num_tensors, thr
 
 
 @triton.jit
-def _abs_key(x_ptr, offs, valid):
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+def _abs_key(x_addr, offs, valid, X_DT: tl.constexpr):
+    """|x|'s float32 bit pattern.  bfloat16 is widened from its raw bits (the high half of
+    a float32): exact for subnormals, which a float conversion may flush to 0."""
+    if X_DT == tl.bfloat16:
+        bits = tl.load(x_addr.to(tl.pointer_type(tl.int16)) + offs, mask=valid, other=0)
+        return (bits.to(tl.int32) & 0x7FFF) << 16
+    else:
+        x = tl.load(x_addr.to(tl.pointer_type(X_DT)) + offs, mask=valid, other=0.0).to(tl.float32)
+        return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
 
 @triton.jit
@@ -138,7 +144,7 @@ def _histogram_kernel(x_ptrs, hist_ptr, numel_ptr, first_ptr, num_tensors, shift
                       X_DT: tl.constexpr, NUM_BINS: tl.constexpr, LOG_T: tl.constexpr, BLOCK: tl.constexpr):
     t, start, n, offs = _locate(numel_ptr, first_ptr, num_tensors, LOG_T, BLOCK)
     valid = offs < n
-    key = _abs_key(tl.load(x_ptrs + t).to(tl.pointer_type(X_DT)), offs, valid)
+    key = _abs_key(tl.load(x_ptrs + t), offs, valid, X_DT)
     chosen = valid & ((key >> prefix_shift) == prefix)
     digit = tl.where(chosen, (key >> shift) & (NUM_BINS - 1), 0)
     hist = tl.histogram(digit, NUM_BINS)
@@ -154,7 +160,7 @@ def _count_equal_kernel(x_ptrs, count_ptr, numel_ptr, first_ptr, num_tensors, ke
                         LOG_T: tl.constexpr, BLOCK: tl.constexpr):
     t, start, n, offs = _locate(numel_ptr, first_ptr, num_tensors, LOG_T, BLOCK)
     valid = offs < n
-    k = _abs_key(tl.load(x_ptrs + t).to(tl.pointer_type(X_DT)), offs, valid)
+    k = _abs_key(tl.load(x_ptrs + t), offs, valid, X_DT)
     c = tl.sum((valid & (k == key)).to(tl.int64), axis=0)
     tl.atomic_add(count_ptr + t, c)
 
@@ -164,7 +170,7 @@ def _topk_mask_kernel(w_ptrs, x_ptrs, limit_ptr, numel_ptr, first_ptr, num_tenso
                       LOG_T: tl.constexpr, BLOCK: tl.constexpr):
     t, start, n, offs = _locate(numel_ptr, first_ptr, num_tensors, LOG_T, BLOCK)
     valid = offs < n
-    k = _abs_key(tl.load(x_ptrs + t).to(tl.pointer_type(X_DT)), offs, valid)
+    k = _abs_key(tl.load(x_ptrs + t), offs, valid, X_DT)
     limit = tl.load(limit_ptr + t)
     take = valid & ((k > key) | ((k == key) & (offs < limit)))
     words = _pack_words(take, BLOCK)
