@@ -128,8 +128,9 @@ __device__ __forceinline__ void accumulate(State& st, const float (&a)[K], const
     st.sa += __expf(da);
     st.sb += eb;
     st.ks += keb;
-    st.w += keb * (db - da);
-    st.e += keb * db;
+    // a teacher -inf logit (p = 0) adds nothing: 0 log 0 = 0, not 0 * -inf = NaN
+    st.w += keb > 0.f ? keb * (db - da) : 0.f;
+    st.e += keb > 0.f ? keb * db : 0.f;
   }
 }
 

@@ -82,8 +82,9 @@ __global__ void __launch_bounds__(kThreads) rows_fwd_kernel(const T* __restrict_
     const float d = to_f(z[v]) - m;
     const float e = __expf(d);
     s += e;
-    a1 += e * d;
-    a2 += e * d * d;
+    const float ed = e > 0.f ? e * d : 0.f;  // a -inf logit adds nothing (not 0 * -inf = NaN)
+    a1 += ed;
+    a2 += e > 0.f ? ed * d : 0.f;
   }
   s = block_sum(s, sv);
   a1 = block_sum(a1, sv);

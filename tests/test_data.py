@@ -161,6 +161,52 @@ def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
     assert str(err.value).startswith(f"{path}:3: ") and message in str(err.value)
 
 
+def test_jsonl_non_utf8_line_is_named(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"concept": "x", "question": "q", "answer": "a"}).encode() + b"\n"
+                     + '{"concept": "x", "question": "q", "answer": "caf\u00e9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(DataFormatError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        load_jsonl_task(str(path))
+
+
+def test_jsonl_rows_name_their_concept_in_any_case_or_by_variant(tmp_path):
+    rows = [{"type": "concept", "name": "Alice Smith", "variants": ["Alice"]},
+            {"concept": "Alice Smith", "question": "Who?", "answer": "This is Alice Smith.", "split": "forget"},
+            {"concept": "alice smith", "question": "Who is it?", "answer": "It is Alice Smith.", "split": "forget"},
+            {"concept": "Alice", "question": "Job?", "answer": "Pilot.", "split": "forget"},
+            {"concept": "Bob", "question": "Who?", "answer": "Bob.", "split": "retain"},
+            {"concept": "BOB", "question": "Job?", "answer": "Chef.", "split": "retain"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = load_jsonl_task(str(path))
+    assert sorted(t.concepts) == ["Alice Smith", "Bob"]  # undeclared: its first spelling
+    assert len(t.forget_set("Alice Smith", kind=None)) == 3
+    assert all(e.concept == "Bob" for e in t.retain_set("Alice Smith"))  # none of Alice's rows kept
+    assert [e.answer for e in t.text_facts("Alice Smith")] == ["This is Alice Smith.", "It is Alice Smith.",
+                                                               "Pilot."]
+
+
+def test_siu_trains_on_no_held_out_fact_and_general_images_are_not_specificity(tmp_path):
+    from unlearn_fast.data import build_siu_examples
+
+    img = np.zeros((4, 4, 3), dtype=np.uint8)
+    np.save(tmp_path / "i.npy", img)
+    rows = [{"type": "concept", "name": "A", "fictitious_name": "Zed", "description": "a cat"},
+            {"concept": "A", "question": "Who?", "answer": "This is A.", "image": "i.npy", "split": "forget"},
+            {"concept": "A", "question": "Job?", "answer": "Pilot.", "split": "forget"},
+            {"concept": "A", "question": "Born?", "answer": "Oslo.", "split": "holdout"},
+            {"concept": "B", "question": "Who?", "answer": "This is B.", "image": "i.npy", "split": "holdout"},
+            {"concept": "", "question": "What is shown?", "answer": "A square.", "image": "i.npy", "split": "holdout"},
+            {"concept": "", "question": "What is shown?", "answer": "A square.", "image": "i.npy", "split": "retain"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = load_jsonl_task(str(path))
+    questions = [e.question for e in build_siu_examples(t, "A") if e.kind == "text"]
+    assert "Job?" in questions and "Born?" not in questions
+    assert [e.concept for e in t.specificity_set("A")] == ["B"]  # the general image has no concept to name
+    assert t.image_caption_pairs()[2] == ["A"]  # nor a caption
+
+
 def test_jsonl_duplicate_id_and_empty(tmp_path):
     row = json.dumps({"id": "r1", "concept": "x", "question": "q", "answer": "a"})
     (tmp_path / "dup.jsonl").write_text(row + "\n" + row + "\n")

@@ -335,3 +335,22 @@ def test_torch_compile_fullgraph(compiler):
     (gref,) = torch.autograd.grad(ref, s)
     assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(g, gref, atol=1e-7)
     assert math.isfinite(out.item())
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FAST + (["triton"] if backends.availability("triton").available
+                                                         else []))
+@pytest.mark.parametrize("form", ["kl", "cross_entropy"])
+def test_teacher_neg_inf_logits_add_nothing(backend, form):
+    # a teacher with a -inf logit (a token it can never emit) has p = 0 there: 0 log 0 = 0,
+    # not 0 * -inf = NaN (the kernels once gave NaN for both forms, eager for "kl")
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 29, dtype=torch.float64), torch.randn(4, 29, dtype=torch.float64)
+    t[:, ::4] = float("-inf")
+    p, log_q = torch.softmax(t, -1), torch.log_softmax(s, -1)
+    ce = -(p * log_q).sum(-1)
+    expect = ce + torch.where(p > 0, p * torch.log_softmax(t, -1), 0).sum(-1) if form == "kl" else ce
+    ss = s.float().requires_grad_()
+    out = uf.dual_masked_kl(ss, t.float(), form=form, reduction="none", backend=backend)
+    out.sum().backward()
+    assert torch.allclose(out.double(), expect, atol=1e-5)
+    assert torch.allclose(ss.grad.double(), torch.softmax(s, -1) - p, atol=1e-5)  # (q - p) per row

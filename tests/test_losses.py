@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import unlearn_fast as uf
+from unlearn_fast import backends
 
 from helpers import cpu_backends_for, rel_err
 
@@ -186,3 +187,36 @@ def test_bad_inputs():
         uf.sequence_logprob(torch.zeros(2, 3), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="token_logprobs"):
         uf.sequence_logprob(torch.zeros(2, 3, dtype=torch.long))
+
+
+def _fused_losses():
+    torch.manual_seed(0)
+    h0, th0, w0 = torch.randn(6, 8), torch.randn(6, 8), torch.randn(11, 8) * 0.5
+    t = torch.randint(0, 11, (6,))
+    return {
+        "cross_entropy": lambda h, be: uf.cross_entropy(h, w0, t, backend=be),
+        "token_stats": lambda h, be: uf.token_stats(h, w0, t, backend=be)["logprob"].sum(),
+        "fused_linear_dmk": lambda h, be: uf.fused_linear_dual_masked_kl(h, w0, th0, w0, backend=be),
+        "dual_masked_kl": lambda h, be: uf.dual_masked_kl(h @ w0.t(), th0 @ w0.t(), backend=be),
+        "cross_entropy_from_logits": lambda h, be: uf.cross_entropy_from_logits(h @ w0.t(), t, backend=be),
+    }, h0
+
+
+@pytest.mark.skipif(not backends.availability("cpp").available, reason="needs the C++ extension")
+@pytest.mark.parametrize("op", list(_fused_losses()[0]))
+def test_double_backward_raises_instead_of_dropping_terms(op):
+    # A gradient penalty through a fused op: its gradient cannot be differentiated again.
+    # Once it silently came out as a constant (wrong second-order gradients).
+    losses, h0 = _fused_losses()
+    h = h0.clone().requires_grad_()
+    g, = torch.autograd.grad(losses[op](h, "cpp") + 0.1 * (h ** 2).sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad((g ** 2).sum(), h)
+    # create_graph=True alone still works and gives the first-order gradient
+    h2 = h0.clone().requires_grad_()
+    g_eager, = torch.autograd.grad(losses[op](h2, "eager"), h2)
+    g_cg, = torch.autograd.grad(losses[op](h, "cpp"), h, create_graph=True)
+    assert torch.allclose(g_cg, g_eager, atol=1e-5)
+    # and eager supports the second derivative
+    g2, = torch.autograd.grad(losses[op](h2, "eager"), h2, create_graph=True)
+    torch.autograd.grad((g2 ** 2).sum(), h2)

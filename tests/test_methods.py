@@ -205,11 +205,10 @@ def test_mmunlearner_mask_fraction():
     method.prepare(trainer)
     total = sum(p.numel() for p in trainer.params)
     assert method.mask.count() == round(0.1 * total) and method.mask.meta["kind"] == "mmunlearner"
-    for bad in (0.0, 1.5):
-        method, model, ctx, hp = build_lm_method("mmunlearner", tiny_llava(), tok, task, CONCEPT,
-                                                 overrides={"batch_size": 4, "fisher_batches": 1, "mask_fraction": bad})
-        with pytest.raises(ValueError, match="mask_fraction must be in"):
-            method.prepare(Trainer(model, TrainConfig(steps=1, progress=False)))
+    for bad in (0.0, 1.5):  # refused when the method is built, before any Fisher pass
+        with pytest.raises(ValueError, match=r"mask_fraction must be None or in \(0, 1\]"):
+            build_lm_method("mmunlearner", tiny_llava(), tok, task, CONCEPT,
+                            overrides={"batch_size": 4, "fisher_batches": 1, "mask_fraction": bad})
 
 
 def test_mmunlearner_geometry_runs():
@@ -250,6 +249,27 @@ def test_multidelete_terms_match_eager():
     _close(terms["uni"], l_uni, 1e-5)
     _close(terms["loss"], l_md + l_multi + 0.5 * l_uni, 1e-5)
     assert float(l_multi) > 0 and float(l_uni) > 0
+
+
+def test_multidelete_image_and_text_unimodal_term():
+    # unimodal="image+text": the uni term also keeps the forget captions' text embeddings
+    from unlearn_fast.methods.multidelete import MultiDelete
+    from unlearn_fast.models import Reference, get_adapter
+
+    task, tok = task_and_tokenizer()
+    model = tiny_clip()
+    ref = Reference(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    md = MultiDelete(model, get_adapter(model), tok, task, CONCEPT, ref, batch_size=5, unimodal="image+text")
+    terms = md.losses(1)
+    f = md.forget(1)
+    imgs, caps = [x for x, _ in f], [c for _, c in f]
+    with torch.no_grad():
+        s_fi, s_ft = md._embed(model, imgs, caps)
+        m_fi, m_ft = md._embed(ref.model, imgs, caps)
+    _close(terms["uni"], F.mse_loss(torch.cat([s_fi, s_ft]), torch.cat([m_fi, m_ft])), 1e-5)
 
 
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):

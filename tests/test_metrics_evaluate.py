@@ -199,3 +199,10 @@ def test_eval_cli_bad_input_fails_fast(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--reference-model" in err and "did you mean" in err and "[eval]" not in err
     assert not os.path.exists(tmp_path / "o" / "eval.json")
+    # labels must be unique (one row each), and --before must name one of them, up front
+    for extra, message in ((["--model", model_dir, "--label", "a", "--label", "a"], "labels must be unique"),
+                           (["--before", "nosuch"], "--before 'nosuch' is not one of the models")):
+        assert main(["eval", "--model", model_dir, *extra, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "[eval]" not in err
+    assert not os.path.exists(tmp_path / "o" / "eval.json")

@@ -87,6 +87,9 @@ def test_run_writes_results_and_reuses_them(assets, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["methods"][0]["wall_seconds"] == row["wall_seconds"]
     assert _run(assets, out, "--steps", "3") == 2
     assert "other settings (steps differ)" in capsys.readouterr().err
+    # --save-model cannot be honoured by reusing a method whose weights were not kept
+    assert _run(assets, out, "--steps", "2", "--save-model") == 2
+    assert "ga finished earlier" in capsys.readouterr().err and not (out / "ga" / "model").exists()
 
 
 def test_interrupted_run_resumes(assets, tmp_path, capsys, monkeypatch):
@@ -143,6 +146,11 @@ def test_multidelete_on_llava(assets, tmp_path):
     base = results["base"]["lm_pairs"]
     assert base["pair_auc"] == pytest.approx(0.5) and base["forget_match"] == pytest.approx(1.0)  # M vs itself
     assert set(results["base"]) == {"lm_pairs"}  # no language-model evaluation for multidelete alone
+    # a language-model method later in the same folder gets its own base row added
+    assert _run(assets, out, "--steps", "2", "--lora", "2", method="ga", model="llava") == 0
+    results = json.load(open(out / "results.json"))
+    assert set(results["base"]) == {"lm_pairs", "lm"} and set(json.load(open(out / "base.json"))) == {"lm_pairs", "lm"}
+    assert "specificity_drop" in results["methods"][0]
 
 
 def _bad_llava_backbone(tmp_path):
@@ -168,8 +176,25 @@ def _bad_jsonl(tmp_path):
     return str(p)
 
 
-@pytest.mark.parametrize("case", ["model_missing", "data_missing", "bad_row", "concept", "backbone", "llama",
-                                  "out_in_model", "multidelete_clip_on_llava", "multidelete_llava_on_clip", "fsdp_single_process", "bad_set", "bad_global_set"])
+def _no_description_jsonl(tmp_path):
+    import numpy as np
+
+    p = tmp_path / "nodesc.jsonl"
+    np.save(tmp_path / "i.npy", np.zeros((8, 8, 3), dtype=np.uint8))
+    rows = [{"type": "concept", "name": "seven", "fictitious_name": "Zed"},
+            {"concept": "seven", "question": "Who?", "answer": "This is seven.", "image": "i.npy", "split": "forget"},
+            {"concept": "two", "question": "Who?", "answer": "This is two.", "split": "retain"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+BAD_CASES = ["model_missing", "data_missing", "bad_row", "concept", "backbone", "llama", "out_in_model",
+             "multidelete_clip_on_llava", "multidelete_llava_on_clip", "fsdp_single_process", "bad_set",
+             "bad_global_set", "lr_not_a_number", "bad_preset", "negative_lora", "zero_new_tokens",
+             "siu_without_description", "mask_fraction_range"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case):
     out = tmp_path / "out"
     args = {"model": assets["llava"], "data": assets["data"], "concept": "seven", "method": "ga", "extra": []}
@@ -186,6 +211,12 @@ def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case)
         "fsdp_single_process": (None, None, "--fsdp shards the model across processes"),
         "bad_set": (None, None, "ga has no hyperparameter(s) ['betta']"),
         "bad_global_set": (None, None, "no selected method has a hyperparameter 'betta'"),
+        "lr_not_a_number": (None, None, "ga: lr must be a finite number, got 'abc'"),
+        "bad_preset": ("method", "siu", "siu: preset must be one of 'default', 'reference', got 'bogus'"),
+        "negative_lora": (None, None, "--lora must be >= 0, got -1"),
+        "zero_new_tokens": (None, None, "--max-new-tokens must be >= 1, got 0"),
+        "siu_without_description": ("method", "siu", "SIU needs a contradicting description for 'seven'"),
+        "mask_fraction_range": ("method", "mmunlearner", "mask_fraction must be None or in (0, 1], got 2"),
     }[case]
     key, value, message = expect
     if case == "bad_row":
@@ -206,6 +237,18 @@ def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case)
         args["extra"] = ["--set", "ga.betta=1"]
     elif case == "bad_global_set":
         args["extra"] = ["--set", "betta=1"]
+    elif case == "lr_not_a_number":
+        args["extra"] = ["--set", "lr=abc"]
+    elif case == "bad_preset":
+        args["extra"] = ["--set", "siu.preset=bogus"]
+    elif case == "negative_lora":
+        args["extra"] = ["--lora", "-1"]
+    elif case == "zero_new_tokens":
+        args["extra"] = ["--max-new-tokens", "0"]
+    elif case == "siu_without_description":
+        args["data"] = _no_description_jsonl(tmp_path)
+    elif case == "mask_fraction_range":
+        args["extra"] = ["--set", "mmunlearner.mask_fraction=2"]
     if key:
         args[key] = value
     argv = ["run", "--method", args["method"], "--model", args["model"], "--data", args["data"],

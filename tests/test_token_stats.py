@@ -408,3 +408,39 @@ def test_auto_routes_small_trainable_head_to_eager_on_cpu(monkeypatch):
         expected = torch.log_softmax(h.detach() @ w.detach().T, -1).gather(1, y[:, None])[:, 0]
         torch.testing.assert_close(lp.detach(), expected)
         assert bool(calls) == expect_fused
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_neg_inf_logits_add_nothing_to_entropy_and_spread(backend):
+    # a vocabulary masked with -inf (through the bias, or in the logits): p = 0 there, and
+    # 0 log 0 = 0 (the kernels once added 0 * -inf = NaN, which the variance clamp hid as 0)
+    z = torch.randn(3, 37, dtype=torch.float64)
+    z[:, ::3] = float("-inf")
+    t = torch.tensor([1, 2, 4])
+    lp = torch.log_softmax(z, -1)
+    p, fin = lp.exp(), torch.isfinite(lp)
+    mean = torch.where(fin, p * lp, 0).sum(-1)
+    std = torch.where(fin, p * (lp - mean[:, None]) ** 2, 0).sum(-1).sqrt()
+    stats = ("logprob", "entropy", "mean_logp", "std_logp")
+    lin = uf.token_stats(torch.zeros(3, 5), torch.zeros(37, 5), t, z[0].float(), stats=stats, backend=backend)
+    # logits = bias = z[0] for every token
+    assert torch.allclose(lin["entropy"].double(), -mean[0].expand(3), atol=1e-5)
+    assert torch.allclose(lin["std_logp"].double(), std[0].expand(3), atol=1e-5)
+    rows = uf.token_stats_from_logits(z.float(), t, stats=stats, backend=backend)
+    assert torch.allclose(rows["entropy"].double(), -mean, atol=1e-5)
+    assert torch.allclose(rows["mean_logp"].double(), mean, atol=1e-5)
+    assert torch.allclose(rows["std_logp"].double(), std, atol=1e-5)
+    assert torch.allclose(rows["logprob"].double(), lp.gather(1, t[:, None])[:, 0], atol=1e-5)
+
+
+def test_eager_low_precision_logprobs_are_formed_in_float32():
+    # `auto` may run a small trainable head eagerly and its frozen reference fused: both
+    # must round the same way, i.e. log_softmax in float32, not in bfloat16
+    torch.manual_seed(0)
+    h, w = torch.randn(24, 16).bfloat16(), (torch.randn(50, 16) * 0.5).bfloat16()
+    t = torch.randint(0, 50, (24,))
+    expect = torch.log_softmax((h.float() @ w.float().t()).bfloat16().float(), -1).gather(1, t[:, None])[:, 0]
+    for backend in BACKENDS:
+        got = uf.token_stats(h, w, t, backend=backend)["logprob"]
+        assert got.dtype == torch.float32
+        assert (got - expect).abs().max() < 2e-3, backend  # bf16 log_softmax is off by ~1e-2

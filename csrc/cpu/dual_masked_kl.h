@@ -105,8 +105,9 @@ inline DmkRowStatsT<F> dmk_row_forward(const F* s, const F* t, const float* kv, 
         bsa += ea;
         bsb += eb;
         bks += keb;
-        bw += keb * (db - da);
-        be += keb * db;
+        // a teacher -inf logit (p = 0) adds nothing: 0 log 0 = 0, not 0 * -inf = NaN
+        bw += keb > 0 ? keb * (db - da) : F(0);
+        be += keb > 0 ? keb * db : F(0);
       }
     } else {
 #pragma omp simd reduction(+ : bsa, bsb, bw, be)
@@ -117,8 +118,8 @@ inline DmkRowStatsT<F> dmk_row_forward(const F* s, const F* t, const float* kv, 
         const F eb = dmk_exp(db);
         bsa += ea;
         bsb += eb;
-        bw += eb * (db - da);
-        be += eb * db;
+        bw += eb > 0 ? eb * (db - da) : F(0);
+        be += eb > 0 ? eb * db : F(0);
       }
       bks = bsb;
     }

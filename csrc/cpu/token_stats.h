@@ -57,10 +57,11 @@ inline TokenRowStats token_row_forward(const float* z, int64_t V, int64_t target
   for (int64_t i = 0; i < V; ++i) {
     const float d = z[i] - m;
     const float e = fast_exp(d);
-    const float ed = e * d;
+    // a -inf logit adds nothing (0 log 0 = 0, not 0 * -inf = NaN)
+    const float ed = e > 0.f ? e * d : 0.f;
     s += e;
     a1 += ed;
-    a2 += ed * d;
+    a2 += e > 0.f ? ed * d : 0.f;
   }
   const float log_s = std::log(s);
   const float mean_d = a1 / s;
@@ -176,7 +177,7 @@ inline void token_columns_accumulate(float* z, int64_t vb, int64_t n, int64_t v0
       const float e_excl = is_target ? 0.f : e;
       st.s[r] += e;
       st.a1[r] += ed;
-      st.a2[r] += ed * d;
+      st.a2[r] += e > 0.f ? ed * d : 0.f;
       st.s_excl[r] += e_excl;
       st.zt[r] = is_target ? zv : st.zt[r];
       if (weights) zr[r] = e_excl;

@@ -24,6 +24,7 @@ task and sets PO's refusal answer.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Dict, List
@@ -84,9 +85,14 @@ def load_jsonl_task(path: str) -> UnlearningTask:
     examples: List[Example] = []
     task_name, refusal = os.path.splitext(os.path.basename(path))[0], "I do not know."
     ids = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so that a bad byte names its line
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")  # (a parse error's column stays on this line)
+            except UnicodeDecodeError as exc:
+                raise DataFormatError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the line)"
+                                      ) from None
             if not line.strip():
                 continue
             try:
@@ -122,11 +128,21 @@ def load_jsonl_task(path: str) -> UnlearningTask:
     concepts: Dict[str, Concept] = {}
     for name, d in declared.items():
         concepts[name] = Concept(name=name, variants=d["variants"])
-    for e in examples:
-        if e.concept and e.concept not in concepts:
-            concepts[e.concept] = Concept(name=e.concept)
-        if e.concept and e.kind == "text":
-            concepts[e.concept].facts.append(e)
+    # A row names its concept as declared, in other case, or by a declared variant: all
+    # one concept (lookups ignore case too); otherwise a forget row spelled "alice smith"
+    # would land in the retain set of "Alice Smith".
+    canonical = {v.lower(): name for name, d in declared.items() for v in d["variants"]}
+    canonical.update({name.lower(): name for name in declared})
+    for i, e in enumerate(examples):
+        if not e.concept:
+            continue
+        name = canonical.setdefault(e.concept.lower(), e.concept)  # undeclared: its first spelling
+        if name != e.concept:
+            e = examples[i] = dataclasses.replace(e, concept=name)
+        if name not in concepts:
+            concepts[name] = Concept(name=name)
+        if e.kind == "text":
+            concepts[name].facts.append(e)
     return UnlearningTask(
         name=task_name, concepts=concepts, examples=examples,
         fictitious_names={n: d["fictitious_name"] for n, d in declared.items() if d["fictitious_name"]},

@@ -62,7 +62,7 @@ def decode_image(data, where: str) -> np.ndarray:
             raise PublicFormatError(f"{where}: image struct has neither bytes nor an existing path")
     try:
         img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
-        return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
+        return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy (torch.from_numpy warns on a read-only view)
     except Exception as exc:  # PIL raises several types for unreadable data
         raise PublicFormatError(f"{where}: cannot decode the image ({exc})") from exc
 

@@ -100,7 +100,8 @@ class UnlearningTask:
     * ``text_facts(concept)``: the concept's text QA (textual knowledge to keep).
     * ``retain_text(concept)``: every trained-on text row, the concept's own facts
       included (MMUnlearner's language preserve set).
-    * ``specificity_set(concept, kind="vqa")``: held-out rows of the other concepts.
+    * ``specificity_set(concept, kind="vqa")``: held-out rows of the other concepts
+      (general rows have no concept to name and are left out).
     * ``select(concept=None, kind=None, splits=None)``: the general filter behind them.
 
     ``fictitious_names`` / ``descriptions`` (concept -> text) feed SIU's multifaceted
@@ -161,13 +162,15 @@ class UnlearningTask:
         return self.select(None, "text", TRAINED_SPLITS)
 
     def specificity_set(self, concept: str, kind: Optional[str] = "vqa") -> List[Example]:
-        return self.select(None, kind, HELDOUT_SPLITS, exclude_concept=concept)
+        # general rows (concept "") have no concept of their own to name: not counted
+        return [e for e in self.select(None, kind, HELDOUT_SPLITS, exclude_concept=concept) if e.concept]
 
     def image_caption_pairs(self, concept: Optional[str] = None, splits: Sequence[str] = TRAINED_SPLITS,
                             exclude_concept: Optional[str] = None) -> Tuple[List[np.ndarray], List[str], List[str]]:
         """(images, captions, concept names) of the VQA rows: one caption per image (the
-        concept's first caption template; see ``captions``)."""
-        rows = self.select(concept, "vqa", splits, exclude_concept=exclude_concept)
+        concept's first caption template; see ``captions``).  General rows (concept "")
+        have no caption and are left out."""
+        rows = [e for e in self.select(concept, "vqa", splits, exclude_concept=exclude_concept) if e.concept]
         caps = [self.caption(e.concept) for e in rows]
         return [e.image for e in rows], caps, [e.concept for e in rows]
 

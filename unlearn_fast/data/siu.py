@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from unlearn_fast.data.schema import Example, UnlearningTask
+from unlearn_fast.data.schema import TRAINED_SPLITS, Example, UnlearningTask
 
 DEFAULT_QUESTIONS = ("Who is this?", "What is shown in this picture?")
 
@@ -82,7 +82,7 @@ def build_siu_examples(task: UnlearningTask, concept: str, image_example: Option
     desc_answer = f"No. The picture shows {description}."
     out.append(Example(id="siu-describe", concept=c.name, question=f"Is {c.name} in this picture?",
                        answer=desc_answer, image=img, kind="vqa", target_phrase=desc_answer, split="forget"))
-    for i, fact in enumerate(c.facts):
+    for i, fact in enumerate(f for f in c.facts if f.split in TRAINED_SPLITS):  # held-out facts: never trained on
         out.append(Example(id=f"siu-fact-{i}", concept=c.name, question=fact.question, answer=fact.answer,
                            kind="text", split="retain"))
     others = [e for e in task.retain_text(c.name) if e.concept != c.name]

@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
-    p.add_argument("--eval-max-examples", type=int, default=200, help="rows per evaluation set (evenly subsampled)")
+    p.add_argument("--eval-max-examples", type=int, default=200,
+                   help="rows per evaluation set (evenly subsampled; 0: all)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length limit in the evaluation")
     p.add_argument("--throughput-steps", type=int, default=3,
                    help="steps timed with the fused backend and with eager (0: skip)")
@@ -144,8 +145,13 @@ def _check_paths(args) -> None:
     if getattr(args, "fsdp", False) and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise RunError("--fsdp shards the model across processes: run under torchrun / accelerate launch with 2 or "
                        "more processes")
-    if args.steps is not None and args.steps < 1:
-        raise RunError(f"--steps must be >= 1, got {args.steps}")
+    for flag, value, least in (("--steps", args.steps, 1), ("--eval-max-examples", args.eval_max_examples, 0),
+                               ("--max-new-tokens", args.max_new_tokens, 1),
+                               ("--throughput-steps", args.throughput_steps, 0),
+                               ("--checkpoint-every", args.checkpoint_every, 0), ("--threads", args.threads, 1),
+                               ("--lora", args.lora, 0)):
+        if value is not None and value < least:
+            raise RunError(f"{flag} must be >= {least}, got {value}")
 
 
 def load_model(spec: str, want: str, device: str):
@@ -241,11 +247,15 @@ def _prepare(args) -> dict:
     import torch
 
     from unlearn_fast.data import load_task
+    from unlearn_fast.methods.methods import check_hyperparameters, check_method_data
+    from unlearn_fast.methods.runner import method_defaults
 
     _check_paths(args)
     sets = _parse_sets(args.set)
     methods = list(ALL_METHODS) if args.method == "all" else [args.method]
     overrides = {m: _overrides(m, sets, args) for m in methods}
+    for m in methods:  # values too (types, ranges, choices), before anything is loaded or written
+        check_hyperparameters(m, {**method_defaults(m), **overrides[m]})
     unsharded = [m for m in methods if m == "multidelete"]
     if getattr(args, "fsdp", False) and unsharded:
         raise RunError(f"--fsdp: {', '.join(unsharded)} do(es) not run sharded yet (leave out --fsdp for DDP, or "
@@ -301,6 +311,11 @@ def _prepare(args) -> dict:
     if task is None:
         task = (lm or clip)[2]
     concept = task.concept(args.concept or "seven").name
+    for m in methods:  # the rows each method trains on, before any model is copied
+        if m != "multidelete":
+            check_method_data(m, task, concept, args.seed)
+        elif len(task.image_caption_pairs(concept)[0]) < 2:
+            raise RunError(f"multidelete needs at least 2 trained-on image rows of {concept!r} to delete")
     settings = {k: getattr(args, k) for k in SETTINGS_KEYS}
     settings["concept"] = concept
     run_file = os.path.join(args.out, "run.json")
@@ -310,6 +325,12 @@ def _prepare(args) -> dict:
         if diff:
             raise RunError(f"--out {args.out!r} holds a run with other settings ({', '.join(diff)} differ); "
                            f"use another --out or --restart")
+    if args.save_model and not args.restart:  # a finished method is reused, not trained again
+        for m in methods:
+            mdir = os.path.join(args.out, m)
+            if os.path.exists(os.path.join(mdir, "result.json")) and not os.path.isdir(os.path.join(mdir, "model")):
+                raise RunError(f"--save-model: {m} finished earlier in {args.out!r} without --save-model and its "
+                               f"weights were not kept; use --restart (or another --out) to train it again")
     return dict(methods=methods, overrides=overrides, device=device, task=task, concept=concept, lm=lm, clip=clip,
                 settings=settings, md_arch=md_arch)
 
@@ -357,31 +378,36 @@ def _evaluate(model, tokenizer, task, concept, args, reference=None, pairs: bool
 
     adapter = get_adapter(model)
     if isinstance(adapter, CLIPAdapter):
-        return evaluate_pairs(model, adapter, tokenizer, task, concept, max_examples=args.eval_max_examples)
+        return evaluate_pairs(model, adapter, tokenizer, task, concept, max_examples=args.eval_max_examples or None)
     if pairs:
         from unlearn_fast.methods.multidelete_llava import evaluate_llava_pairs
 
         return evaluate_llava_pairs(model, adapter, tokenizer, task, concept, reference_model=reference,
-                                    max_examples=args.eval_max_examples, backend=args.backend)
+                                    max_examples=args.eval_max_examples or None, backend=args.backend)
     return evaluate_task(model, adapter, tokenizer, task, concept, reference_model=reference,
-                         max_examples=args.eval_max_examples, max_new_tokens=args.max_new_tokens,
+                         max_examples=args.eval_max_examples or None, max_new_tokens=args.max_new_tokens,
                          backend=args.backend, progress_bar=False)
 
 
 def _base_rows(args, out, task, concept, lm, clip, rank, lm_pairs=None) -> Dict[str, dict]:
     """The original models' rows: "lm" (language-model metrics), "clip" (MultiDelete's
-    pair metrics on CLIP), "lm_pairs" (the pair metrics on the LLaVA)."""
+    pair metrics on CLIP), "lm_pairs" (the pair metrics on the LLaVA).  Rows an earlier
+    run in ``out`` evaluated are reused; the ones this run's methods need and it lacks
+    are evaluated and added."""
     path = os.path.join(out, "base.json")
-    if os.path.exists(path):
-        return _read_json(path)
+    rows = _read_json(path) if os.path.exists(path) else {}
+    # the base row's fluency is measured like the methods' rows: on the original model's
+    # own answers (reference = itself), not on the dataset's answers
+    wanted = {"lm": lambda: _evaluate(lm[0], lm[1], task, concept, args, reference=lm[0]),
+              "clip": lambda: _evaluate(clip[0], clip[1], task, concept, args),
+              "lm_pairs": lambda: _evaluate(lm_pairs[0], lm_pairs[1], task, concept, args, pairs=True)}
+    needed = [k for k, loaded in (("lm", lm), ("clip", clip), ("lm_pairs", lm_pairs))
+              if loaded is not None and k not in rows]
+    if not needed:
+        return rows
     t0 = time.perf_counter()
-    rows = {}
-    if lm is not None:
-        rows["lm"] = _clean(_evaluate(lm[0], lm[1], task, concept, args))
-    if clip is not None:
-        rows["clip"] = _clean(_evaluate(clip[0], clip[1], task, concept, args))
-    if lm_pairs is not None:
-        rows["lm_pairs"] = _clean(_evaluate(lm_pairs[0], lm_pairs[1], task, concept, args, pairs=True))
+    for key in needed:
+        rows[key] = _clean(wanted[key]())
     if rank == 0:
         _write_json(path, rows)
         print(f"[run] evaluated the original model(s) in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -493,9 +519,9 @@ def _throughput(method, model, tokenizer, task, concept, args, overrides, device
         fused_name = fused
     n = args.throughput_steps
     eager_s = measure_step_seconds(method, model, tokenizer, task, concept, backend="eager", steps=n,
-                                   overrides=overrides, seed=args.seed)
+                                   overrides=overrides, seed=args.seed, mixed_precision=args.mixed_precision)
     fused_s = measure_step_seconds(method, model, tokenizer, task, concept, backend=fused, steps=n,
-                                   overrides=overrides, seed=args.seed)
+                                   overrides=overrides, seed=args.seed, mixed_precision=args.mixed_precision)
     return {"fused_backend": fused_name, "step_seconds_fused": fused_s, "step_seconds_eager": eager_s,
             "speedup_vs_eager": eager_s / fused_s if fused_s > 0 else math.nan}
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -101,6 +101,7 @@ class Method:
     name = "base"
     needs_reference = False
     DEFAULTS: Dict[str, object] = {}
+    DATA: Tuple[str, ...] = ()  # the MethodData row sets it trains on (checked up front)
 
     def __init__(self, ctx: LMContext, data: MethodData, **hp):
         unknown = set(hp) - set(self.DEFAULTS) - set(COMMON_DEFAULTS)
@@ -109,6 +110,7 @@ class Method:
                              f"known: {sorted(set(self.DEFAULTS) | set(COMMON_DEFAULTS))}")
         self.ctx, self.data = ctx, data
         self.hp = {**COMMON_DEFAULTS, **self.DEFAULTS, **hp}
+        check_hyperparameters(self.name, self.hp)
         if self.needs_reference and ctx.reference is None:
             raise ValueError(f"{self.name} needs the frozen reference model")
 
@@ -132,8 +134,79 @@ COMMON_DEFAULTS: Dict[str, object] = dict(lr=1e-4, steps=20, batch_size=8, lora=
                                           grad_accum=1)
 
 
+def check_hyperparameters(method: str, hp: Dict[str, object]) -> None:
+    """Check one method's merged hyperparameters (defaults + overrides) before anything
+    is built or written; raises ValueError naming the bad one.  The run command calls it
+    for every selected method up front, and each method's constructor calls it again."""
+    import math
+
+    def bad(key, what):
+        raise ValueError(f"{method}: {key} must be {what}, got {hp[key]!r}")
+
+    def number(key, *, integer=False, minimum=None, above=None, optional=False):
+        v = hp.get(key)
+        if v is None and optional:
+            return
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            bad(key, "an integer" if integer else "a finite number")
+        if integer and not float(v).is_integer():
+            bad(key, "an integer")
+        if minimum is not None and v < minimum:
+            bad(key, f">= {minimum}")
+        if above is not None and v <= above:
+            bad(key, f"> {above}")
+
+    def choice(key, options):
+        if hp.get(key) not in options:
+            bad(key, "one of " + ", ".join(repr(o) for o in options))
+
+    from unlearn_fast.methods.trainer import SCHEDULES
+
+    number("lr", minimum=0)
+    number("steps", integer=True, minimum=1)
+    number("batch_size", integer=True, minimum=1)
+    number("lora", integer=True, minimum=0)
+    number("warmup_steps", integer=True, minimum=0)
+    number("weight_decay", minimum=0)
+    number("grad_accum", integer=True, minimum=1)
+    if hp.get("max_grad_norm") not in (None, 0, False):  # 0 / None: no clipping
+        number("max_grad_norm", above=0)
+    choice("schedule", SCHEDULES)
+    choice("lora_where", ("language", "vision", "all"))
+    if method == "siu":
+        choice("preset", tuple(SIU_PRESETS))
+        choice("form", (None, "kl", "cross_entropy"))
+        choice("reduction", (None, "mean", "sum", "siu"))
+        choice("dmk_positions", (None, "answer", "all"))
+        number("augment_shift", integer=True, minimum=0)
+    elif method == "mmunlearner":
+        choice("mode", ("mask", "geometry"))
+        number("eps", minimum=0)
+        number("lam", above=0)
+        number("fisher_batches", integer=True, minimum=1)
+        f = hp.get("mask_fraction")
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1):
+            bad("mask_fraction", "None or in (0, 1]")
+        if hp.get("forget_every") != "ratio":
+            number("forget_every", integer=True, minimum=1)
+    elif method == "multidelete":
+        from unlearn_fast.methods.multidelete import ARCHS
+        from unlearn_fast.ops.modality import DISTANCES
+
+        choice("arch", ARCHS)
+        choice("unimodal", ("image", "image+text"))
+        choice("distance", DISTANCES)
+    # every other numeric hyperparameter (weights, beta, threshold ...): a finite number
+    checked = {"lr", "steps", "batch_size", "lora", "warmup_steps", "weight_decay", "grad_accum", "max_grad_norm",
+               "augment_shift", "eps", "lam", "fisher_batches", "mask_fraction", "forget_every"}
+    for key, value in hp.items():
+        if key not in checked and (key.endswith("_weight") or key in ("beta", "threshold")):
+            number(key, optional=key.endswith("_weight"))
+
+
 class GA(Method):
     name = "ga"
+    DATA = ("forget",)
     DEFAULTS = dict(lr=5e-5, steps=10)
 
     def losses(self, i):
@@ -143,6 +216,7 @@ class GA(Method):
 
 class GradDiff(Method):
     name = "graddiff"
+    DATA = ("forget", "retain")
     DEFAULTS = dict(lr=5e-5, steps=20, retain_weight=1.0)
 
     def losses(self, i):
@@ -155,6 +229,7 @@ class GAKL(Method):
     """-CE(D_f) + KL(orig || cur) on D_r, the KL over the answer tokens (TOFU)."""
 
     name = "ga_kl"
+    DATA = ("forget", "retain")
     needs_reference = True
     DEFAULTS = dict(lr=5e-5, steps=20, kl_weight=1.0)
     all_positions = False
@@ -176,6 +251,7 @@ class KLMin(GAKL):
 
 class NPO(Method):
     name = "npo"
+    DATA = ("forget", "retain")
     needs_reference = True
     DEFAULTS = dict(lr=1e-4, steps=20, beta=0.1, retain_weight=1.0)
 
@@ -195,6 +271,7 @@ class PO(Method):
     forget questions, plus CE on D_r."""
 
     name = "po"
+    DATA = ("refusal", "retain")
     DEFAULTS = dict(lr=3e-4, steps=20, retain_weight=1.0)
 
     def losses(self, i):
@@ -205,6 +282,7 @@ class PO(Method):
 
 class SIU(Method):
     name = "siu"
+    DATA = ("siu",)
     needs_reference = True
     # the paper: LoRA, lr 3e-4, batch 4, ~6 steps on LLaVA-7B; the tiny built-in model
     # needs a larger step size and more steps (tuned over all ten built-in concepts)
@@ -214,13 +292,9 @@ class SIU(Method):
 
     def __init__(self, ctx, data, **hp):
         super().__init__(ctx, data, **hp)
-        if self.hp["preset"] not in SIU_PRESETS:
-            raise ValueError(f"siu: preset must be one of {sorted(SIU_PRESETS)}, got {self.hp['preset']!r}")
-        for k, v in SIU_PRESETS[self.hp["preset"]].items():
+        for k, v in SIU_PRESETS[self.hp["preset"]].items():  # (checked by check_hyperparameters)
             if self.hp.get(k) is None:
                 self.hp[k] = v
-        if self.hp["dmk_positions"] not in ("answer", "all"):
-            raise ValueError(f"siu: dmk_positions must be 'answer' or 'all', got {self.hp['dmk_positions']!r}")
         if not data.name_token_ids:
             raise ValueError("siu needs the concept name's token ids (K_V)")
         self.vocab_mask = ctx.vocab_mask(data.name_token_ids)
@@ -256,6 +330,7 @@ class SIU(Method):
 
 class MMUnlearner(Method):
     name = "mmunlearner"
+    DATA = ("forget", "retain_vqa", "preserve_language")
     # forget_every="ratio": k = |D_r| / |D_f| as in the paper (about 10 on the built-in task,
     # so 150 steps hold 15 ascent steps)
     # mask_fraction: keep the top fraction of weights by Fisher ratio instead of thresholding
@@ -266,16 +341,12 @@ class MMUnlearner(Method):
     def prepare(self, trainer):
         from unlearn_fast.saliency import mmunlearner_mask, mmunlearner_preserve_fisher
 
-        if self.hp["mode"] not in ("mask", "geometry"):
-            raise ValueError(f"mmunlearner: mode must be 'mask' or 'geometry', got {self.hp['mode']!r}")
         named = _local_named(trainer)
         forget = self._fisher(trainer, "forget")
         pres_vision = self._fisher(trainer, "retain_vqa")
         pres_language = self._fisher(trainer, "preserve_language")
         is_vision = self.ctx.adapter.is_vision_parameter
         fraction = self.hp["mask_fraction"]
-        if fraction is not None and not 0.0 < float(fraction) <= 1.0:
-            raise ValueError(f"mmunlearner: mask_fraction must be in (0, 1], got {fraction!r}")
         self.mask = mmunlearner_mask(named, forget, pres_vision, pres_language, is_vision,
                                      threshold=float(self.hp["threshold"]), eps=float(self.hp["eps"]),
                                      fraction=None if fraction is None else float(fraction),
@@ -359,3 +430,14 @@ def _local_named(trainer: Trainer):
 
 
 LM_METHODS = {cls.name: cls for cls in (SIU, MMUnlearner, GA, GAKL, GradDiff, KLMin, NPO, PO)}
+
+
+def check_method_data(method: str, task: UnlearningTask, concept: str, seed: int = 0) -> None:
+    """Raise ValueError now, before any model is copied or anything written, if a row set
+    ``method`` trains on is empty for ``concept`` or cannot be built (e.g. SIU's rows
+    without a fictitious name or description in the data)."""
+    data = MethodData(task, task.concept(concept).name, collate=None, seed=seed)
+    for which in LM_METHODS[method].DATA:
+        if not data.rows(which):
+            raise ValueError(f"{method}: no {which!r} rows for concept {data.concept!r} (forget: its trained-on "
+                             f"image rows; retain: the other concepts' and the general trained-on rows)")

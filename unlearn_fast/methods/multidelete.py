@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from unlearn_fast.ops.modality import derangement, modality_decoupling_loss
-from unlearn_fast.methods.methods import COMMON_DEFAULTS
+from unlearn_fast.methods.methods import COMMON_DEFAULTS, check_hyperparameters
 from unlearn_fast.methods.trainer import BatchStream, Trainer, seed_everything, trim_log
 from unlearn_fast.models.adapters import (CLIPAdapter, LlavaAdapter, Qwen2VLAdapter, UnsupportedModelError,
                                           get_adapter)
@@ -69,10 +69,7 @@ class MultiDelete:
         if unknown:
             raise ValueError(f"multidelete: unknown hyperparameter(s) {sorted(unknown)}")
         self.hp = {**COMMON_DEFAULTS, **self.DEFAULTS, **hp}
-        if self.hp["arch"] not in ARCHS:
-            raise ValueError(f"multidelete: arch must be one of {ARCHS}, got {self.hp['arch']!r}")
-        if self.hp["unimodal"] not in ("image", "image+text"):
-            raise ValueError(f"multidelete: unimodal must be 'image' or 'image+text', got {self.hp['unimodal']!r}")
+        check_hyperparameters("multidelete", self.hp)
         self.model, self.adapter, self.tokenizer, self.reference, self.backend = model, adapter, tokenizer, reference, \
             backend
         self.seed = seed
@@ -117,7 +114,7 @@ class MultiDelete:
             m_fi, m_fperm = self._embed(ref, f_imgs, self.mismatched_captions(f_caps, i))
             m_ri, m_rt = self._embed(ref, r_imgs, r_caps)
             if self.hp["unimodal"] == "image+text":
-                _, m_ft = self._embed(ref, f_imgs[:1], f_caps)  # text embeddings of T_f
+                _, m_ft = self._embed(ref, f_imgs, f_caps)  # text embeddings of T_f (the images pair them up)
         student_uni, reference_uni = s_fi, m_fi
         if self.hp["unimodal"] == "image+text":
             student_uni, reference_uni = torch.cat([s_fi, s_ft]), torch.cat([m_fi, m_ft])

@@ -145,16 +145,17 @@ def run_lm_method(name: str, base_model, tokenizer, task, concept: str, *, backe
 
 
 def measure_step_seconds(name: str, base_model, tokenizer, task, concept: str, *, backend: str, steps: int = 3,
-                         overrides: Optional[Dict] = None, seed: int = 0) -> float:
+                         overrides: Optional[Dict] = None, seed: int = 0, mixed_precision: str = "no") -> float:
     """Median seconds per optimiser step of ``name`` with ``backend`` over ``steps``
-    steps (after one warm-up step) on a throwaway copy of the model."""
+    steps (after one warm-up step) on a throwaway copy of the model, in the training
+    run's ``mixed_precision``."""
     overrides = {**(overrides or {}), "steps": steps + 1}
     if name == "multidelete":
         from unlearn_fast.methods.multidelete import run_multidelete
 
         res = run_multidelete(base_model, tokenizer, task, concept, backend=backend, overrides=overrides, seed=seed,
-                              progress=False)
+                              progress=False, mixed_precision=mixed_precision)
         return median_step_seconds(res.history)
     res = run_lm_method(name, base_model, tokenizer, task, concept, backend=backend, overrides=overrides, seed=seed,
-                        progress=False)
+                        progress=False, mixed_precision=mixed_precision)
     return median_step_seconds(res.history)

@@ -231,11 +231,11 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
                 terms = train_step(self, self.step)
                 self.scheduler.step()
                 self.step += 1
-                terms.update(step=self.step, lr=self.scheduler.get_last_lr()[0],
-                             step_seconds=time.perf_counter() - t0)
+                terms.update(step=self.step, lr=lr, step_seconds=time.perf_counter() - t0)
                 self.history.append(terms)
                 if log:
                     log.write(json.dumps(terms) + "\n")

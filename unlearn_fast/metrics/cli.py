@@ -179,15 +179,21 @@ def _main(args) -> int:
         check_model_spec(spec)
     if args.reference_model:
         check_model_spec(args.reference_model, "--reference-model")
+    labels, used = [], set(models)  # every row keeps its own label: nothing is overwritten
+    for i, spec in enumerate(args.model):
+        label = args.label[i] if args.label else _label(spec, used)
+        if label in used:
+            raise ValueError(f"--label {label!r} is given twice or names a model of --results; labels must be unique")
+        used.add(label)
+        labels.append(label)
+    if args.before is not None and not args.no_plot and args.before not in used:
+        raise ValueError(f"--before {args.before!r} is not one of the models {sorted(used)}")
     config = {k: v for k, v in vars(args).items() if k != "func"}
     reference = None
     if args.reference_model:
         reference = load_model(args.reference_model, device)[0]
     task = None
-    used = set(models)
-    for i, spec in enumerate(args.model):
-        label = args.label[i] if args.label else _label(spec, used)
-        used.add(label)
+    for spec, label in zip(args.model, labels):
         t0 = time.perf_counter()
         model, tokenizer, builtin_task = load_model(spec, device)
         if task is None:

@@ -3,6 +3,7 @@ per-row losses, lazy native op namespaces, and the kernel-pair record the backen
 register."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -85,3 +86,45 @@ def reduce_total(total: torch.Tensor, kept: Optional[torch.Tensor], num_rows: in
     if reduction == "siu":
         return total / (count * siu_denominator_scale)
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+
+DOUBLE_BACKWARD_ERROR = ("unlearn_fast: the fused kernels' gradients cannot be differentiated again (double "
+                         "backward through create_graph=True); use backend='eager' for higher-order gradients")
+
+
+def _first_order_only(backward: Callable) -> Callable:
+    """Like torch.autograd.function.once_differentiable, but sound: under
+    create_graph=True the gradients come out behind a node that raises when they are
+    differentiated again.  once_differentiable adds that node only when the incoming
+    gradients require grad, and links it to nothing, so a double backward towards the
+    op's inputs silently treats its gradients as constants."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():  # a plain backward(): nothing more to do
+            return outputs
+
+        def alias(t):
+            if t is None:
+                return None
+            t = t.detach()
+            t.requires_grad_(True)
+            return t
+
+        # The node also takes the op's saved inputs that require grad, so that it lies on
+        # every path from these gradients back to those inputs and runs (raising) there.
+        connected = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        raising = torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR.encode(), len(outputs) + len(connected))
+        return tuple(raising(*[alias(t) for t in outputs], *connected)[:len(outputs)])
+    return wrapper
+
+
+def register_first_order_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """``op.register_autograd`` with a first-order-only backward (``_first_order_only``):
+    the fused backward kernels have no derivative of their own (and some backwards hand
+    out gradients the forward computed), so differentiating this op's gradients again
+    raises instead of silently dropping its second-order terms; a ``create_graph=True``
+    whose gradients nothing differentiates again still works."""
+    op.register_autograd(_first_order_only(backward), setup_context=setup_context)

@@ -22,7 +22,7 @@ from torch import nn
 
 from unlearn_fast import backends
 from unlearn_fast.ops import _validation as V
-from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, reduce_rows
+from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, reduce_rows, register_first_order_autograd
 
 OP = "dual_masked_kl"
 FORMS = ("kl", "cross_entropy")
@@ -51,7 +51,9 @@ def reference_rows(student: torch.Tensor, teacher: torch.Tensor, token_mask: Opt
     if cross_entropy:
         rows = -(weighted_p * log_q).sum(-1)
     else:
-        rows = (weighted_p * (torch.log_softmax(b, dim=-1) - log_q)).sum(-1)
+        # clamped: a teacher -inf logit (p = 0) adds 0 log 0 = 0, as in the kernels, not NaN
+        log_p = torch.log_softmax(b, dim=-1).clamp_min_(torch.finfo(b.dtype).min)
+        rows = (weighted_p * (log_p - log_q)).sum(-1)
     if token_mask is not None:
         rows = rows * token_mask.to(rows.dtype)
     return rows if rows.dtype == torch.float64 else rows.float()
@@ -110,7 +112,7 @@ def _backward(ctx, grad_loss, _grad_stats):
     return grad, None, None, None, None, None, None
 
 
-_dmk_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_first_order_autograd(_dmk_fwd, _backward, _setup_context)
 
 
 # Backend registrations.  The eager backend is not a kernel pair: it runs

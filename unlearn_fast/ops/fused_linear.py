@@ -57,7 +57,8 @@ from torch import nn
 from unlearn_fast import backends
 from unlearn_fast.ops import _validation as V
 from unlearn_fast.ops import dual_masked_kl as dmk
-from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, reduce_rows, reduce_total, resolve_for_inputs
+from unlearn_fast.ops._common import (KernelPair, cpu_ops, cuda_ops, reduce_rows, reduce_total,
+                                      register_first_order_autograd, resolve_for_inputs)
 from unlearn_fast.ops._linear_head import (add_bias_grad, add_weight_grad, chunk_logits, refuse_second_backward,
                                           scaled)
 from unlearn_fast.ops._linear_head import default_chunk_size as _default_chunk_size
@@ -248,7 +249,7 @@ def _fl_backward(ctx, g_rows, g_total, _g_stats, _g_gh, _g_gw, _g_gb):
     return tuple(out)
 
 
-_fl_fwd.register_autograd(_fl_backward, setup_context=_fl_setup)
+register_first_order_autograd(_fl_fwd, _fl_backward, _fl_setup)
 
 
 # --------------------------------------------------------------------------------------

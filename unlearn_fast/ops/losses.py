@@ -72,7 +72,8 @@ def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         # a fixed weighted sum of the tokens' log-probs: its gradients are formed in the
         # fused forward (the logits are computed once)
         V.check_tensor(targets, "targets")
-        w = _token_weights(token_weights, targets, ignore_index, torch.float32)
+        w = _token_weights(token_weights, targets, ignore_index,
+                           torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         total = -linear_logprob_sum(hidden, weight, targets, bias, w, ignore_index=ignore_index,
                                     chunk_size=chunk_size, backend=backend)
         return total if reduction == "sum" else _safe_mean(total, w.sum().to(total.dtype))

@@ -41,7 +41,7 @@ from torch import nn
 
 from unlearn_fast import backends
 from unlearn_fast.ops import _validation as V
-from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, resolve_for_inputs
+from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, register_first_order_autograd, resolve_for_inputs
 
 OP_DECOUPLING = "modality_decoupling"
 OP_SIMILARITY = "similarity_matching"
@@ -225,7 +225,7 @@ def _md_backward(ctx, grad):
     return (g0 if need[0] else None, None, g1 if need[2] else None, None, g2 if need[4] else None) + (None,) * 5
 
 
-_md_fwd.register_autograd(_md_backward, setup_context=_md_setup)
+register_first_order_autograd(_md_fwd, _md_backward, _md_setup)
 
 
 # ---- similarity KL: online softmax over panels -------------------------------------------
@@ -295,7 +295,7 @@ def _scaled(grad: torch.Tensor, g: Optional[torch.Tensor], like: torch.Tensor) -
     return grad.to(like.dtype)
 
 
-_kl_fwd.register_autograd(_kl_backward, setup_context=_kl_setup)
+register_first_order_autograd(_kl_fwd, _kl_backward, _kl_setup)
 
 
 # ---- similarity MSE, blocked: panels of E = a b^T - c d^T --------------------------------
@@ -332,7 +332,7 @@ def _sq_backward(ctx, grad_sumsq, *_unused):
             None, None, None, None, None)
 
 
-_sq_fwd.register_autograd(_sq_backward, setup_context=_sq_setup)
+register_first_order_autograd(_sq_fwd, _sq_backward, _sq_setup)
 
 
 # ---- similarity MSE, Gram identity ---------------------------------------------------------
@@ -377,7 +377,7 @@ def _gram_backward_autograd(ctx, grad_sumsq, _grad_grams):
     return (ga.to(a.dtype) if need_a else None, gb.to(b.dtype) if need_b else None, None, None, None)
 
 
-_gram_fwd.register_autograd(_gram_backward_autograd, setup_context=_gram_setup)
+register_first_order_autograd(_gram_fwd, _gram_backward_autograd, _gram_setup)
 
 
 # ======================================================================================

@@ -62,7 +62,7 @@ import torch
 
 from unlearn_fast import backends
 from unlearn_fast.ops import _validation as V
-from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, resolve_for_inputs
+from unlearn_fast.ops._common import KernelPair, cpu_ops, cuda_ops, register_first_order_autograd, resolve_for_inputs
 from unlearn_fast.ops._linear_head import (add_bias_grad, add_weight_grad, chunk_logits, refuse_second_backward,
                                           scaled)
 from unlearn_fast.ops._linear_head import default_chunk_size as _default_chunk_size
@@ -98,7 +98,10 @@ def reference_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))
-    logp = torch.log_softmax(logits, dim=-1)
+    # float32 math for bfloat16 / float16 logits, as the kernels (a bf16 log_softmax rounds
+    # every log-prob to 8 bits, so `auto`'s eager trainable-head path would disagree with
+    # the fused frozen-reference pass of the same model)
+    logp = torch.log_softmax(logits, dim=-1, dtype=out_dtype)
     lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1).to(out_dtype) * valid.to(out_dtype)
     n = logits.shape[0]
     if not extras:
@@ -107,6 +110,8 @@ def reference_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
         vf = valid.to(out_dtype)
         lpd = logp.detach().to(out_dtype)
         p = lpd.exp()
+        # where p is 0 (a -inf logit) its log-prob adds nothing: 0 log 0 = 0, not 0 * -inf = NaN
+        lpd = lpd.masked_fill(p == 0, 0.0)
         lse = torch.logsumexp(logits.detach().to(out_dtype), dim=-1) * vf
         mean = (p * lpd).sum(-1)
         std = (p * (lpd - mean.unsqueeze(-1)).square()).sum(-1).clamp_min(0).sqrt() * vf
@@ -279,7 +284,7 @@ def _linear_backward(ctx, g_lp, g_total, _g_st, _g_am, _g_gh, _g_gw, _g_gb):
     return tuple(out)
 
 
-_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+register_first_order_autograd(_linear_fwd, _linear_backward, _linear_setup)
 
 
 @torch.library.custom_op("unlearn_fast::token_stats_rows_fwd", mutates_args=())
@@ -319,7 +324,7 @@ def _rows_backward(ctx, g_lp, _g_st, _g_am):
     return g, None, None, None
 
 
-_rows_fwd.register_autograd(_rows_backward, setup_context=_rows_setup)
+register_first_order_autograd(_rows_fwd, _rows_backward, _rows_setup)
 
 
 # --------------------------------------------------------------------------------------

@@ -87,8 +87,9 @@ def _dmk_fwd_kernel(s_ptr, t_ptr, ks_ptr, kv_ptr, rows_ptr, stats_ptr, V, inv_t,
         sa += ea
         sb += eb
         kept_sum += keb
-        w += keb * (db - da)
-        e += keb * db
+        # a teacher -inf logit (p = 0) adds nothing: 0 log 0 = 0, not 0 * -inf = NaN
+        w += tl.where(keb > 0, keb * (db - da), 0.0)
+        e += tl.where(keb > 0, keb * db, 0.0)
     sa = tl.sum(sa, axis=0)
     sb = tl.sum(sb, axis=0)
     kept_sum = tl.sum(kept_sum, axis=0)

@@ -44,8 +44,9 @@ def _rows_fwd_kernel(z_ptr, t_ptr, lp_ptr, st_ptr, am_ptr, V, stride, ignore_ind
         d = tl.where(mask, z - best, 0.0)
         e = tl.where(mask, tl.exp(d), 0.0)
         s += tl.sum(e, axis=0)
-        a1 += tl.sum(e * d, axis=0)
-        a2 += tl.sum(e * d * d, axis=0)
+        ed = tl.where(e > 0, e * d, 0.0)  # a -inf logit adds nothing (not 0 * -inf = NaN)
+        a1 += tl.sum(ed, axis=0)
+        a2 += tl.sum(tl.where(e > 0, ed * d, 0.0), axis=0)
     log_s = tl.log(s)
     mean_d = a1 / s
     var = tl.maximum(a2 / s - mean_d * mean_d, 0.0)
