@@ -51,9 +51,8 @@ def reference_rows(student: torch.Tensor, teacher: torch.Tensor, token_mask: Opt
     if cross_entropy:
         rows = -(weighted_p * log_q).sum(-1)
     else:
-        # clamped: a teacher -inf logit (p = 0) adds 0 log 0 = 0, as in the kernels, not NaN
-        log_p = torch.log_softmax(b, dim=-1).clamp_min_(torch.finfo(b.dtype).min)
-        rows = (weighted_p * (log_p - log_q)).sum(-1)
+        # xlogy: a teacher -inf logit (p = 0) adds 0 log 0 = 0, as in the kernels, not NaN
+        rows = (torch.xlogy(weighted_p, p) - weighted_p * log_q).sum(-1)
     if token_mask is not None:
         rows = rows * token_mask.to(rows.dtype)
     return rows if rows.dtype == torch.float64 else rows.float()
