@@ -461,14 +461,18 @@ def test_profile_every_op_writes_a_chrome_trace(tmp_path, capsys):
         trace = tmp_path / f"{op}_auto_cpu.trace.json"
         events = json.loads(trace.read_text())["traceEvents"]
         assert events, op
+        assert "Self CPU" in (tmp_path / f"{op}_auto_cpu.table.txt").read_text(), op  # the kernel table
     assert capsys.readouterr().out.count("Chrome trace:") == len(CASES)
 
 
-def test_profile_rejects_a_bad_size(capsys):
+def test_profile_rejects_a_bad_size_and_a_file_as_out(tmp_path, capsys):
     from unlearn_fast import cli
 
     assert cli.main(["profile", "dmk", "--tokens", "0"]) == 2
     assert "--tokens must be at least 1" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    assert cli.main(["profile", "dmk", "--out", str(tmp_path / "f")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
 
 
 def test_gpu_suite_script_matches_the_cli():

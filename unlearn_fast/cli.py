@@ -79,18 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unlearn-fast", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="list backends, what is available, and why not")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the same information as JSON")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("bench", help="benchmark fused ops against eager (speed, peak memory)")
     p.add_argument("suite", choices=list(SUITES) + ["all", "plot"],
                    help="a suite, all of them, or 'plot': re-draw the plots of --out DIR's bench.json")
-    p.add_argument("--quick", action="store_true", help="small shapes, a few seconds per suite")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes, a few seconds per suite (no torch.compile provider)")
     p.add_argument("--out", default=None, help="folder for bench.json, bench.csv and plots")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--backends", default=None, help="comma-separated providers to run (default: all available)")
     p.add_argument("--dtypes", default=None, help="comma-separated dtypes (float32,bfloat16)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="write bench.json / bench.csv only, no PNG plots")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(eager) provider")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op CPU threads for every suite (default: torch's; 1 with --quick on the CPU)")

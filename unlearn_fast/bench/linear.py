@@ -76,7 +76,7 @@ def add_arguments(parser) -> None:
                              "(default: those of the device's case list)")
     parser.add_argument("--tokens", default=None, help="comma-separated token counts N (default per head)")
     parser.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 3)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 3; 5 with --quick)")
 
 
 def _csv(value, default):

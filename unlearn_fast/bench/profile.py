@@ -29,6 +29,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 from unlearn_fast.bench.common import DTYPES
+from unlearn_fast.bench.harness import write_atomic_text
 
 TOPK_FRACTION = 0.05
 
@@ -178,11 +179,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=1024, help="batch B of the MultiDelete losses")
     parser.add_argument("--dim", type=int, default=512, help="embedding size D of the MultiDelete losses")
     parser.add_argument("--form", default="mse", choices=("mse", "kl"), help="similarity_matching form")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out", default="runs/profile", help="folder for the Chrome trace")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="input dtype (default float32)")
+    parser.add_argument("--backend", default="auto", help="auto, eager, cpp, triton or cuda (default auto)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--steps", type=int, default=3, help="profiled calls after one warm-up (default 3)")
+    parser.add_argument("--out", default="runs/profile", help="folder for the Chrome trace and the kernel table")
 
 
 def _size_argv(args) -> list:
@@ -200,6 +201,9 @@ def main(args) -> int:
         if getattr(args, name) < 1:
             print(f"unlearn-fast profile: --{name} must be at least 1", file=sys.stderr)
             return 2
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"unlearn-fast profile: --out {args.out!r} exists and is not a folder", file=sys.stderr)
+        return 2
     make, desc = CASES[args.op]
     try:
         fn = make(args, DTYPES[args.dtype], device, args.backend)
@@ -221,8 +225,11 @@ def main(args) -> int:
     prof.export_chrome_trace(tmp)
     os.replace(tmp, trace)
     sort_key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort_key, row_limit=15))
-    print(f"Chrome trace: {trace}  (open in chrome://tracing or https://ui.perfetto.dev)")
+    table = prof.key_averages().table(sort_by=sort_key, row_limit=15)
+    table_path = os.path.join(args.out, f"{args.op}_{args.backend}_{device}.table.txt")
+    write_atomic_text(table_path, table + "\n")
+    print(table)
+    print(f"Chrome trace: {trace}  (open in chrome://tracing or https://ui.perfetto.dev); table: {table_path}")
     if device == "cuda":
         argv = ["unlearn-fast", "profile", args.op, *_size_argv(args), "--dtype", args.dtype,
                 "--backend", args.backend, "--steps", "1"]

@@ -67,16 +67,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "CLIP for --model builtin, else the --model folder's class; llava = on the LLaVA (the "
                         "last token's hidden state as the fused representation)")
     p.add_argument("--lora", type=int, default=None,
-                   help="LoRA rank for the language-model methods and MultiDelete on LLaVA (0: full fine-tuning)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="LoRA rank for the language-model methods and MultiDelete on LLaVA (0: full fine-tuning; "
+                        "default: each method's preset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, LoRA init and sampling (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"],
+                   help="bf16: autocast the training and throughput steps (default: no)")
     p.add_argument("--eval-max-examples", type=int, default=200,
-                   help="rows per evaluation set (evenly subsampled; 0: all)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length limit in the evaluation")
+                   help="rows per evaluation set (evenly subsampled; 0: all; default 200)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length limit in the evaluation (default 24)")
     p.add_argument("--throughput-steps", type=int, default=3,
-                   help="steps timed with the fused backend and with eager (0: skip)")
-    p.add_argument("--checkpoint-every", type=int, default=10, help="checkpoint period in steps (0: none)")
+                   help="steps timed with the fused backend and with eager (0: skip; default 3)")
+    p.add_argument("--checkpoint-every", type=int, default=10, help="checkpoint period in steps (0: none; default 10); a run "
+                   "shorter than one period writes none")
     p.add_argument("--save-model", action="store_true", help="also save each unlearned model to DIR/<method>/model")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; 1 is much faster for the tiny built-in "
@@ -87,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "checkpoints (torch.distributed.checkpoint), evaluation on the sharded model, --save-model "
                         "gathers the weights to rank 0 only")
     p.add_argument("--restart", action="store_true", help="discard earlier results in DIR instead of resuming")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 # --------------------------------------------------------------------------------------
@@ -308,8 +311,8 @@ def _prepare(args) -> dict:
             md_arch = "llava" if md_arch else None
     if md_arch == "llava" and args.lora is not None:
         overrides["multidelete"]["lora"] = args.lora
-    if task is None:
-        task = (lm or clip)[2]
+    if task is None:  # --data builtin: the built-in model's task, or for a model folder the built-in task
+        task = (lm or clip)[2] or load_task("builtin")
     concept = task.concept(args.concept or "seven").name
     for m in methods:  # the rows each method trains on, before any model is copied
         if m != "multidelete":

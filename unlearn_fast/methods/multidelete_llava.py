@@ -117,9 +117,11 @@ def match_scores(model, reference, adapter, tokenizer, images: Sequence, caption
         for s in range(0, len(images), batch_size):
             imgs, caps = list(images[s:s + batch_size]), list(captions[s:s + batch_size])
             h = last_token_states(model, adapter, tokenizer, imgs, caps).double()
-            ref = last_token_states(reference, adapter, tokenizer, imgs + imgs,
-                                    caps + list(mismatched[s:s + batch_size])).double()
-            a, b = ref[:len(caps)], ref[len(caps):]
+            # a in a batch shaped exactly as h's (same rows, same padding): for the original
+            # itself h == a bit for bit, so it scores exactly 1 (one batch with the
+            # mismatched rows would pad differently, and float noise would order the pairs)
+            a = last_token_states(reference, adapter, tokenizer, imgs, caps).double()
+            b = last_token_states(reference, adapter, tokenizer, imgs, list(mismatched[s:s + batch_size])).double()
             axis = a - b
             out.append(((h - b) * axis).sum(-1) / (axis * axis).sum(-1).clamp(min=1e-12))
     return torch.cat(out).float() if out else torch.zeros(0)

@@ -39,14 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (eval.json, plots)")
     p.add_argument("--results", action="append", default=[],
                    help="an existing eval.json / results.json to include in the table and plots (repeatable)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--max-examples", type=int, default=100, help="rows per set, evenly subsampled (0: all)")
-    p.add_argument("--k", type=float, default=0.4, help="Min-K%% fraction")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per generation / scoring batch (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length limit (default 24)")
+    p.add_argument("--max-examples", type=int, default=100,
+                   help="rows per set, evenly subsampled (0: all; default 100)")
+    p.add_argument("--k", type=float, default=0.4, help="Min-K%% fraction (default 0.4)")
     p.add_argument("--backend", default="auto", help="token_stats backend: auto, eager, cpp, triton, cuda")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-generate", action="store_true", help="skip generation-based metrics")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="write eval.json only, no plots")
     p.add_argument("--before", default=None, help="label of the 'before' model in before_after.png")
 
 

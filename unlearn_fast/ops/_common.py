@@ -19,8 +19,11 @@ def resolve_for_inputs(op: str, backend: str, device: torch.device, dtype: torch
 
     * float64 runs eager (the fused kernels are float32/bf16/fp16; asking a fused backend
       for float64 raises TypeError);
-    * on the CPU, eager when the caller says its measured crossover makes eager faster for
-      this call's sizes (``eager_faster_on_cpu``; each op documents its rule).
+    * on the CPU, float32 runs eager when the caller says its measured crossover makes
+      eager faster for this call's sizes (``eager_faster_on_cpu``; each op documents its
+      rule).  bfloat16 / float16 always run fused: the eager references do their math in
+      the input dtype (the papers' formulations), the kernels in float32, and ``auto``
+      must not trade accuracy for speed depending on the batch size.
     """
     from unlearn_fast import backends
 
@@ -29,7 +32,8 @@ def resolve_for_inputs(op: str, backend: str, device: torch.device, dtype: torch
         if dtype == torch.float64 and name != "eager":
             raise TypeError("float64 inputs run on the eager backend only (the fused kernels are float32/bf16/fp16)")
         return name
-    if dtype == torch.float64 or (eager_faster_on_cpu and torch.device(device).type == "cpu"):
+    if dtype == torch.float64 or (eager_faster_on_cpu and dtype == torch.float32
+                                  and torch.device(device).type == "cpu"):
         return "eager"
     return name
 

@@ -476,9 +476,9 @@ def modality_decoupling_loss(student_forget_fused: torch.Tensor, reference_shuff
         reduction: "mean" (as above) or "sum" (sum over elements / embeddings).  A pair with
             no embeddings contributes 0.
         return_terms: also return the unweighted terms.
-        backend: "auto", "eager", "cpp", "triton" or "cuda".  On the CPU "auto" runs eager
-            when no tensor has more than 2^18 elements (AUTO_EAGER_DECOUPLING_ELEMENTS), where
-            the fused pass is not faster.
+        backend: "auto", "eager", "cpp", "triton" or "cuda".  On the CPU "auto" runs float32
+            eager when no tensor has more than 2^18 elements (AUTO_EAGER_DECOUPLING_ELEMENTS),
+            where the fused pass is not faster (bf16/fp16 always run fused: float32 math).
 
     All six tensors share one dtype (float32/bfloat16/float16/float64) and device; each
     student/reference pair shares its shape.  Gradients flow to the student tensors only.
@@ -577,8 +577,9 @@ def similarity_matching_loss(student_image: torch.Tensor, student_text: torch.Te
         block_rows: rows of S per panel for the cpp/cuda backends (default
             :func:`default_block_rows`); the triton backend tiles by itself.
         backend: "auto", "eager" (materialises S and R: the baseline), "cpp", "triton", "cuda".
-            On the CPU "auto" runs eager when Bi * Bt <= 65536 (B <= 256), where the fused
-            path does the same GEMMs and saves nothing.
+            On the CPU "auto" runs float32 eager when Bi * Bt <= 65536 (B <= 256), where the
+            fused path does the same GEMMs and saves nothing (bf16/fp16 always run fused:
+            float32 math).
 
     Returns:
         A float32 scalar (float64 for float64 input).  Gradients flow to student_image and

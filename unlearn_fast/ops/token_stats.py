@@ -451,9 +451,9 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         chunk_size: tokens per chunk for the fused backends (default
             :func:`default_chunk_size`: 1048 tokens at V = 32,000, 256 at V = 151,936).
         backend: "auto", "eager" (full logits, log_softmax, gather), "cpp", "triton", "cuda".
-            On the CPU "auto" runs eager when the head is trainable and the float32 logits
-            would take <= 256 MiB (AUTO_EAGER_TRAINABLE_HEAD_BYTES): there the fused path's
-            extra head GEMM is not repaid.
+            On the CPU "auto" runs float32 eager when the head is trainable and the float32
+            logits would take <= 256 MiB (AUTO_EAGER_TRAINABLE_HEAD_BYTES): there the fused
+            path's extra head GEMM is not repaid.
 
     Returns:
         dict name -> tensor shaped like ``targets``; float32 (float64 for float64 input),
