@@ -264,3 +264,13 @@ def test_unknown_method_is_an_argparse_error(tmp_path, capsys):
         cli_main(["run", "--method", "forgetful", "--out", str(tmp_path / "o")])
     assert exc.value.code == 2 and "invalid choice: 'forgetful'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_model_folder_with_the_default_builtin_data(assets, tmp_path):
+    # --data defaults to builtin: a model folder then runs on the built-in task (it crashed)
+    out = tmp_path / "folder_builtin"
+    argv = ["run", "--method", "ga", "--model", assets["llava"], "--out", str(out), "--steps", "1",
+            "--eval-max-examples", "2", "--max-new-tokens", "2", "--throughput-steps", "0", "--no-progress",
+            "--threads", "1", "--set", "batch_size=2"]
+    assert cli_main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["concept"] == "seven"
