@@ -56,10 +56,11 @@ constexpr int64_t kDmkBlock = 2048;
 UF_ALWAYS_INLINE float dmk_exp(float x) { return fast_exp(x); }
 inline double dmk_exp(double x) { return std::exp(x); }
 
-// kv == nullptr means K_V = 1 everywhere.
-template <typename F>
-inline DmkRowStatsT<F> dmk_row_forward(const F* s, const F* t, const float* kv, int64_t V, F inv_t,
-                                       bool cross_entropy) {
+// One pass over a row.  kGuard: a teacher -inf logit (p = 0) adds nothing (0 log 0 = 0)
+// to w and e instead of 0 * -inf = NaN; see dmk_row_forward.
+template <typename F, bool kGuard>
+inline DmkRowStatsT<F> dmk_row_pass(const F* s, const F* t, const float* kv, int64_t V, F inv_t,
+                                    bool cross_entropy) {
   const F neg_inf = -std::numeric_limits<F>::infinity();
   F ma = neg_inf, mb = neg_inf;
   F sa = 0, sb = 0, ks = 0, w = 0, e = 0;
@@ -102,12 +103,12 @@ inline DmkRowStatsT<F> dmk_row_forward(const F* s, const F* t, const float* kv, 
         const F ea = dmk_exp(da);
         const F eb = dmk_exp(db);
         const F keb = static_cast<F>(kvblk[i]) * eb;
+        const F dbk = kGuard ? (keb > 0 ? db : F(0)) : db;
         bsa += ea;
         bsb += eb;
         bks += keb;
-        // a teacher -inf logit (p = 0) adds nothing: 0 log 0 = 0, not 0 * -inf = NaN
-        bw += keb > 0 ? keb * (db - da) : F(0);
-        be += keb > 0 ? keb * db : F(0);
+        bw += keb * (dbk - (kGuard ? (keb > 0 ? da : F(0)) : da));
+        be += keb * dbk;
       }
     } else {
 #pragma omp simd reduction(+ : bsa, bsb, bw, be)
@@ -116,10 +117,11 @@ inline DmkRowStatsT<F> dmk_row_forward(const F* s, const F* t, const float* kv, 
         const F db = tblk[i] * inv_t - mb;
         const F ea = dmk_exp(da);
         const F eb = dmk_exp(db);
+        const F dbk = kGuard ? (eb > 0 ? db : F(0)) : db;
         bsa += ea;
         bsb += eb;
-        bw += eb > 0 ? eb * (db - da) : F(0);
-        be += eb > 0 ? eb * db : F(0);
+        bw += eb * (dbk - (kGuard ? (eb > 0 ? da : F(0)) : da));
+        be += eb * dbk;
       }
       bks = bsb;
     }
@@ -140,6 +142,16 @@ inline DmkRowStatsT<F> dmk_row_forward(const F* s, const F* t, const float* kv, 
   out.logsum_b = log_sb;
   out.kept = kept;
   return out;
+}
+
+// The row statistics; kv == nullptr means K_V = 1 everywhere.  The unguarded pass is the
+// fast one; a row whose loss comes out NaN (a teacher -inf logit, or NaN input) is run
+// again guarded, so ordinary rows pay nothing for the -inf rule.
+template <typename F>
+inline DmkRowStatsT<F> dmk_row_forward(const F* s, const F* t, const float* kv, int64_t V, F inv_t,
+                                       bool cross_entropy) {
+  const DmkRowStatsT<F> out = dmk_row_pass<F, false>(s, t, kv, V, inv_t, cross_entropy);
+  return std::isnan(out.loss) ? dmk_row_pass<F, true>(s, t, kv, V, inv_t, cross_entropy) : out;
 }
 
 // g[v] = scale * (q_v * S - K_V(v) * p_v), scale = grad_row * K_S / T.

@@ -37,6 +37,28 @@ struct TokenRowStats {
   int64_t argmax;
 };
 
+// s = sum e^d, a1 = sum e^d d, a2 = sum e^d d^2 of a row whose maximum is m, where a -inf
+// logit adds nothing (0 log 0 = 0, not e d = 0 * -inf = NaN).  token_row_forward's own loop
+// skips that select and reruns a row here only when its sums come out NaN, so ordinary
+// rows pay nothing for it.
+inline void token_row_sums_guarded(const float* z, int64_t V, float m, float& s_out, float& a1_out,
+                                   float& a2_out) {
+  float s = 0.f, a1 = 0.f, a2 = 0.f;
+#pragma omp simd reduction(+ : s, a1, a2)
+  for (int64_t i = 0; i < V; ++i) {
+    const float raw = z[i] - m;
+    const float e = fast_exp(raw);
+    const float d = e > 0.f ? raw : 0.f;
+    const float ed = e * d;
+    s += e;
+    a1 += ed;
+    a2 += ed * d;
+  }
+  s_out = s;
+  a1_out = a1;
+  a2_out = a2;
+}
+
 // target < 0 means "ignored": every statistic is 0 (argmax 0).  The caller maps
 // ignore_index to -1 and has validated the range; an out-of-range target gives NaN.
 inline TokenRowStats token_row_forward(const float* z, int64_t V, int64_t target) {
@@ -57,12 +79,12 @@ inline TokenRowStats token_row_forward(const float* z, int64_t V, int64_t target
   for (int64_t i = 0; i < V; ++i) {
     const float d = z[i] - m;
     const float e = fast_exp(d);
-    // a -inf logit adds nothing (0 log 0 = 0, not 0 * -inf = NaN)
-    const float ed = e > 0.f ? e * d : 0.f;
+    const float ed = e * d;
     s += e;
     a1 += ed;
-    a2 += e > 0.f ? ed * d : 0.f;
+    a2 += ed * d;
   }
+  if (std::isnan(a1 + a2)) token_row_sums_guarded(z, V, m, s, a1, a2);  // a row with -inf logits
   const float log_s = std::log(s);
   const float mean_d = a1 / s;
   const float var = std::max(0.f, a2 / s - mean_d * mean_d);
@@ -172,12 +194,13 @@ inline void token_columns_accumulate(float* z, int64_t vb, int64_t n, int64_t v0
       // a -inf logit adds nothing (not 0 * -inf = NaN to a1, a2), nor does a block of
       // them that leaves the maximum at -inf (d = NaN)
       const float e = d > -87.3f ? fast_exp(d) : 0.f;
-      const float ed = e > 0.f ? e * d : 0.f;
+      const float dk = e > 0.f ? d : 0.f;  // (d itself is -inf or NaN where e = 0)
+      const float ed = e * dk;
       const bool is_target = targets[r] == id;
       const float e_excl = is_target ? 0.f : e;
       st.s[r] += e;
       st.a1[r] += ed;
-      st.a2[r] += e > 0.f ? ed * d : 0.f;
+      st.a2[r] += ed * dk;
       st.s_excl[r] += e_excl;
       st.zt[r] = is_target ? zv : st.zt[r];
       if (weights) zr[r] = e_excl;
