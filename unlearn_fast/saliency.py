@@ -96,14 +96,17 @@ def _in_order(x, names: Optional[Sequence[str]], name: str, ref_name: str):
     if names is None:
         raise ValueError(f"{name} is a mapping name -> tensor but {ref_name} is an unnamed list; pass both as "
                          f"mappings (matched by name) or both as lists (matched by position)")
-    keys = [str(k) for k in x.keys()]
-    if sorted(keys) != sorted(names):
-        missing = [n for n in names if n not in set(keys)]
-        extra = [k for k in keys if k not in set(names)]
-        raise ValueError(f"{name}'s names differ from {ref_name}'s: missing {missing[:5]}, not in {ref_name} "
-                         f"{extra[:5]}")
+    _check_same_names([str(k) for k in x.keys()], names, f"{name}'s", ref_name)
     by_key = {str(k): v for k, v in x.items()}
     return [by_key[n] for n in names]
+
+
+def _check_same_names(got: Sequence[str], want: Sequence[str], what: str, ref_name: str) -> None:
+    if sorted(got) != sorted(want):
+        missing = [n for n in want if n not in set(got)]
+        extra = [n for n in got if n not in set(want)]
+        raise ValueError(f"{what} names differ from {ref_name}'s: missing {missing[:5]}, not in {ref_name} "
+                         f"{extra[:5]}")
 
 
 def _check_aligned(ref: Sequence[torch.Tensor], other: Sequence[Optional[torch.Tensor]], ref_name: str, name: str,
@@ -401,10 +404,7 @@ def _mask_words(mask, ref: Sequence[torch.Tensor], ref_name: str, names: Optiona
         return None
     if isinstance(mask, BitMask):
         if names is not None and mask.names is not None and list(mask.names) != list(names):
-            if sorted(mask.names) != sorted(names):
-                raise ValueError(f"the mask's parameter names differ from {ref_name}'s: missing "
-                                 f"{[n for n in names if n not in set(mask.names)][:5]}, not in {ref_name} "
-                                 f"{[n for n in mask.names if n not in set(names)][:5]}")
+            _check_same_names(mask.names, names, "the mask's parameter", ref_name)
             mask = mask.select(names)
     else:
         if isinstance(mask, torch.Tensor):

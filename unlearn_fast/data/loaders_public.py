@@ -62,7 +62,8 @@ def decode_image(data, where: str) -> np.ndarray:
             raise PublicFormatError(f"{where}: image struct has neither bytes nor an existing path")
     try:
         img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
-        return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy (torch.from_numpy warns on a read-only view)
+        # a writable copy (torch.from_numpy warns on a read-only view)
+        return np.array(img.convert("RGB"), dtype=np.uint8)
     except Exception as exc:  # PIL raises several types for unreadable data
         raise PublicFormatError(f"{where}: cannot decode the image ({exc})") from exc
 

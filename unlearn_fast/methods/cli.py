@@ -75,11 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16: autocast the training and throughput steps (default: no)")
     p.add_argument("--eval-max-examples", type=int, default=200,
                    help="rows per evaluation set (evenly subsampled; 0: all; default 200)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length limit in the evaluation (default 24)")
+    p.add_argument("--max-new-tokens", type=int, default=24,
+                   help="greedy answer length limit in the evaluation (default 24)")
     p.add_argument("--throughput-steps", type=int, default=3,
                    help="steps timed with the fused backend and with eager (0: skip; default 3)")
-    p.add_argument("--checkpoint-every", type=int, default=10, help="checkpoint period in steps (0: none; default 10); a run "
-                   "shorter than one period writes none")
+    p.add_argument("--checkpoint-every", type=int, default=10,
+                   help="checkpoint period in steps (0: none; default 10); a run shorter than one period writes none")
     p.add_argument("--save-model", action="store_true", help="also save each unlearned model to DIR/<method>/model")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; 1 is much faster for the tiny built-in "

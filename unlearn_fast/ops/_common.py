@@ -92,7 +92,6 @@ def reduce_total(total: torch.Tensor, kept: Optional[torch.Tensor], num_rows: in
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
-
 DOUBLE_BACKWARD_ERROR = ("unlearn_fast: the fused kernels' gradients cannot be differentiated again (double "
                          "backward through create_graph=True); use backend='eager' for higher-order gradients")
 
