@@ -159,6 +159,79 @@ def test_clip_adapter():
         a.collate_pairs(imgs[:3], caps[:2], tok)
 
 
+def test_llava_with_a_siglip_tower_gets_one_image_token_per_patch():
+    # llava-interleave's layout: a SigLIP tower (no CLS token) and the "full" feature
+    # strategy; the adapter once added a CLS slot and every forward failed
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from unlearn_fast.data.tokenizer import IMAGE, token_id
+    from unlearn_fast.models.adapters import SIGLIP_MEAN
+
+    _, tok = task_and_tokenizer()
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(image_size=8, patch_size=2, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=4)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=4, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                      image_token_index=token_id(tok, IMAGE),
+                                                      vision_feature_select_strategy="full",
+                                                      vision_feature_layer=-1)).eval()
+    a = get_adapter(model)
+    assert a.num_image_tokens == 16 and a.pixel_mean == SIGLIP_MEAN
+    b = a.collate(_rows(), tok)
+    with torch.no_grad():
+        model(**a.forward_kwargs(model, b))  # image tokens match the tower's features
+
+
+def test_tokenizer_without_bos_collates():
+    # Qwen2-VL's tokenizer has no BOS token: prompts start without one (it was refused)
+    import copy
+
+    task, tok = task_and_tokenizer()
+    no_bos = copy.deepcopy(tok)
+    no_bos.bos_token = None
+    model = tiny_qwen2vl()
+    a = get_adapter(model)
+    with_bos, without = a.collate(_rows(), tok), a.collate(_rows(), no_bos)
+    assert int(with_bos["input_ids"][0, 0]) == tok.bos_token_id and int(without["input_ids"][0, 0]) != tok.bos_token_id
+    assert torch.equal(with_bos["labels"][:, 1:][with_bos["labels"][:, 1:] != -100],
+                       without["labels"][without["labels"] != -100])  # the same answer tokens
+    with torch.no_grad():
+        model(**a.forward_kwargs(model, without))
+
+
+def test_clip_captions_end_with_the_tokenizers_end_of_text_under_a_legacy_config():
+    # OpenAI's CLIP configs keep eos_token_id = 2 while the tokenizer's end-of-text is its
+    # largest id; CLIPTextModel then pools at argmax(input_ids): captions must end with it
+    from transformers import CLIPConfig, CLIPModel
+
+    from unlearn_fast.data.tokenizer import build_tokenizer
+
+    caps = ["a handwritten digit seven", "a handwritten digit two", "a photo of the number nine"]
+    tok = build_tokenizer(caps)
+    tok.add_special_tokens({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>"})
+    tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                max_position_embeddings=32, bos_token_id=0, eos_token_id=2, pad_token_id=1, projection_dim=8)
+    vision = dict(image_size=8, patch_size=2, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=4, projection_dim=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    a = get_adapter(model)
+    b = a.collate_captions(caps, tok)
+    enc = [[tok.bos_token_id] + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in caps]
+    T = max(map(len, enc))
+    ids = torch.tensor([e + [tok.pad_token_id] * (T - len(e)) for e in enc])
+    att = torch.tensor([[1] * len(e) + [0] * (T - len(e)) for e in enc])
+    assert torch.equal(b["input_ids"], ids)
+    with torch.no_grad():
+        ours = a.text_embeds(model, b["input_ids"], b["attention_mask"])
+        ref = model.get_text_features(input_ids=ids, attention_mask=att)
+    torch.testing.assert_close(ours, getattr(ref, "pooler_output", ref), rtol=1e-5, atol=1e-6)
+
+
 def test_unsupported_models():
     from transformers import LlamaConfig, LlamaForCausalLM, LlavaModel
 

@@ -33,6 +33,7 @@ IGNORE_INDEX = -100
 # CLIP's image normalisation (used by LLaVA-1.5 and the built-in models)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SiglipImageProcessor's normalisation
 
 
 class UnsupportedModelError(TypeError):
@@ -142,9 +143,10 @@ class ModelAdapter:
 
     def encode_example(self, ex: Example, tokenizer, with_answer: bool = True):
         """(ids, labels, target-phrase flags, image-token flags) of one example."""
-        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer needs bos and eos tokens")
-        ids = [tokenizer.bos_token_id]
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs an eos token (it ends every answer)")
+        # a BOS where the tokenizer has one (LLaVA's Llama); Qwen2-VL's tokenizer has none
+        ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         if ex.image is not None:
             ids += self._encode(tokenizer, "USER:")
             img = self.image_tokens(tokenizer, ex.image)
@@ -224,15 +226,22 @@ class LlavaAdapter(ModelAdapter):
         super().__init__(model)
         vc = self.config.vision_config
         self.image_size = int(vc.image_size)
-        self.num_image_tokens = (self.image_size // int(vc.patch_size)) ** 2
-        if getattr(self.config, "vision_feature_select_strategy", "default") == "full":
-            self.num_image_tokens += 1
+        # A CLIP tower outputs a CLS token before the patches, a SigLIP tower (e.g.
+        # llava-interleave) does not; the "default" feature strategy drops the first
+        # output token, "full" keeps them all.
+        siglip = getattr(vc, "model_type", "") == "siglip_vision_model"
+        tokens = (self.image_size // int(vc.patch_size)) ** 2 + (0 if siglip else 1)
+        if getattr(self.config, "vision_feature_select_strategy", "default") == "default":
+            tokens -= 1
+        self.num_image_tokens = tokens
+        self.pixel_mean, self.pixel_std = (SIGLIP_MEAN, SIGLIP_STD) if siglip else (CLIP_MEAN, CLIP_STD)
 
     def image_tokens(self, tokenizer, image):
         return [self.image_token_id(tokenizer)] * self.num_image_tokens
 
     def pixel_inputs(self, images):
-        return {"pixel_values": images_to_tensor(images, (self.image_size, self.image_size))}
+        return {"pixel_values": images_to_tensor(images, (self.image_size, self.image_size), self.pixel_mean,
+                                                 self.pixel_std)}
 
 
 class Qwen2VLAdapter(ModelAdapter):
@@ -320,7 +329,11 @@ class CLIPAdapter(ModelAdapter):
 
     def collate_captions(self, captions: Sequence[str], tokenizer) -> Dict[str, torch.Tensor]:
         eos = getattr(self.config.text_config, "eos_token_id", None)
-        eos = tokenizer.eos_token_id if eos is None else eos
+        if eos is None or eos == 2:
+            # OpenAI's CLIP configs carry the legacy eos_token_id = 2 while the tokenizer's
+            # end-of-text is its largest id; CLIPTextModel then pools at argmax(input_ids),
+            # i.e. at the tokenizer's end-of-text: end every caption with that
+            eos = tokenizer.eos_token_id
         seqs = [[tokenizer.bos_token_id] + tokenizer(c, add_special_tokens=False)["input_ids"] + [eos]
                 for c in captions]
         limit = int(self.config.text_config.max_position_embeddings)
