@@ -1,7 +1,8 @@
 """Benchmark: SIU's dual masked KL, eager (the reference formulation) vs torch.compile of
 eager vs the fused backends, and on CUDA Liger-Kernel's KL/JSD on the unmasked KL when
 installed (bench/peers.py); forward and forward+backward; time, peak memory, ratio to
-eager, and the roofline floor (both logit tensors read once, the gradient written once)."""
+eager, and the roofline floor (fwd: both logit tensors read once; fwd+bwd: the backward
+reads both again and writes the gradient)."""
 from __future__ import annotations
 
 import gc

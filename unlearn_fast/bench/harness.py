@@ -234,8 +234,9 @@ def peak_memory(fn: Callable[[], object], device: str = "cpu") -> int:
         return int(peak)
     with _RssSampler() as sampler:
         out = fn()
-        del out
+        # read while the result is alive: a short call may finish between two samples
         sampler.peak = max(sampler.peak, _rss_bytes())
+        del out
     return int(sampler.extra)
 
 

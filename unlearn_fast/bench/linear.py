@@ -25,7 +25,8 @@ fwd+bwd_frozen (w.r.t. hidden states only: a frozen head, e.g. under LoRA).
 Rows: median time, IQR, median CPU time of the process (all threads; steadier than wall
 time on a shared machine), peak memory above the inputs (RSS on the CPU), the same
 without the returned gradients (``peak_mem_beyond_grad_bytes``, what the issue's target
-counts), ratios to eager, and a GEMM floor (the head GEMMs eager needs at the measured
+counts), ratios to eager (``mem_ratio_to_eager`` of the whole peaks, as in every suite;
+``mem_beyond_grad_ratio_to_eager`` of the peaks without the gradients), and a GEMM floor (the head GEMMs eager needs at the measured
 GEMM rate of this dtype; ``roofline_*`` rows).
 """
 from __future__ import annotations
@@ -149,7 +150,10 @@ def _eager_mia(h, w, targets) -> Dict[str, torch.Tensor]:
     res["loss"] = torch.stack([-s.float().mean() for s in _per_sequence(lp, valid)])
     lp = _token_logprobs(h, w, targets)  # Min-K%
     res["min_k"] = _min_k(_per_sequence(lp, valid))
-    vocab_logp = torch.log_softmax(h @ w.t(), dim=-1)  # Min-K%++: vocab log-probs ...
+    logits = h @ w.t()  # Min-K%++: vocab log-probs ...
+    vocab_logp = torch.log_softmax(logits, dim=-1)
+    res["lse"] = torch.logsumexp(logits, dim=-1)  # (our extra stat, not an OU attack: no head pass of its own)
+    del logits
     lp = _token_logprobs(h, w, targets)  # ... and token log-probs (a second pass)
     probs = vocab_logp.exp()
     mu = (probs * vocab_logp).sum(-1)
@@ -157,7 +161,6 @@ def _eager_mia(h, w, targets) -> Dict[str, torch.Tensor]:
     res["min_k_pp"] = _min_k(_per_sequence((lp - mu) / sigma.clamp_min(1e-6).sqrt(), valid))
     res["entropy"] = -mu
     res["std_logp"] = sigma.clamp_min(0).sqrt()
-    res["lse"] = torch.logsumexp(h @ w.t(), dim=-1)  # (the lse pass: our extra, not an OU attack)
     argmax = (h @ w.t()).argmax(-1)  # exact memorisation
     res["exact_mem"] = torch.stack([c.float().mean() for c in _per_sequence(argmax == targets, valid)])
     return res
@@ -308,7 +311,7 @@ def _run_case(recorder, op, mode, providers, x, shape, dtype, device, reps, comp
     inputs = dict(x, h=h, w=w, wt=wt)
     grad_bytes = (h.numel() * h.element_size() + (w.numel() * w.element_size() if trainable else 0)
                   if mode != "fwd" else 0)
-    eager_med = eager_peak = None
+    eager_med = eager_peak = eager_full_peak = None
     for provider in providers:
         try:
             fn = _loss_fn(op, provider, compiled)
@@ -330,20 +333,21 @@ def _run_case(recorder, op, mode, providers, x, shape, dtype, device, reps, comp
 
         try:
             times = time_fn(step, device, warmup=1, reps=reps, max_seconds=120.0)
-            cpu_times = cpu_times[1:]  # drop the warm-up
+            cpu_times = cpu_times[1:1 + len(times)]  # the timed calls: no warm-up, no memory call
             peak = peak_memory(step, device)
         except Exception as exc:  # e.g. out of memory: record and go on
             recorder.failure(op, provider, mode, shape, dtype_str(dtype), device, exc)
             continue
         beyond = max(0, peak - grad_bytes)
         med = recorder.add_timing(op, provider, mode, shape, dtype_str(dtype), device, times, peak_bytes=peak,
-                                  eager_median=eager_med, floor_seconds=floor)
+                                  eager_median=eager_med, eager_peak=eager_full_peak, floor_seconds=floor)
         recorder.add(op, provider, mode, shape, dtype_str(dtype), device, "peak_mem_beyond_grad_bytes", beyond)
         # CPU seconds of this process (all threads): steadier than wall time on a shared machine
         recorder.add(op, provider, mode, shape, dtype_str(dtype), device, "cpu_time_median_s",
                      statistics.median(cpu_times))
-        if eager_peak:
-            recorder.add(op, provider, mode, shape, dtype_str(dtype), device, "mem_ratio_to_eager", beyond / eager_peak)
+        if eager_peak:  # (mem_ratio_to_eager, as in every suite, compares the whole peaks)
+            recorder.add(op, provider, mode, shape, dtype_str(dtype), device, "mem_beyond_grad_ratio_to_eager",
+                         beyond / eager_peak)
         if provider == "eager":
-            eager_med, eager_peak = med, beyond
+            eager_med, eager_peak, eager_full_peak = med, beyond, peak
         gc.collect()

@@ -59,13 +59,14 @@ def auto_provider(op, shape, dtype, device):
     if op == "modality_decoupling":
         dims = parse_shape(shape)
         n, d = dims.get("N"), dims.get("D")
-        if device == "cpu" and isinstance(n, int) and isinstance(d, int) and n * d <= AUTO_EAGER_DECOUPLING_ELEMENTS:
+        if (device == "cpu" and dtype == "float32" and isinstance(n, int) and isinstance(d, int)
+                and n * d <= AUTO_EAGER_DECOUPLING_ELEMENTS):  # (bf16/fp16 always run fused)
             return "eager"
         return registry_auto(OP_DECOUPLING, shape, dtype, device)
     if op not in ("similarity_mse", "similarity_kl"):
         return None
     b = parse_shape(shape).get("B")
-    if device == "cpu" and isinstance(b, int) and b * b <= AUTO_EAGER_MAX_ELEMENTS:
+    if device == "cpu" and dtype == "float32" and isinstance(b, int) and b * b <= AUTO_EAGER_MAX_ELEMENTS:
         return "eager"
     return registry_auto(OP_SIMILARITY, shape, dtype, device)
 
@@ -127,13 +128,16 @@ def _step(fn, inputs, students, mode):
 
 def _measure_side_by_side(recorder, op, mode, shape, dtype, device, steps, reps, floor, bd_bytes):
     """Time the providers' steps interleaved (one call of each per round), so load changes on a
-    shared machine hit every provider alike; the first call of each (also its warm-up) gives its
-    peak memory.  `reps` rounds (fewer, at least 2, once they pass 60 s; up to 4 * reps while a
-    round takes under 50 ms per provider, as short calls are noisier).  Rows: the harness's
-    standard ones plus peak memory in units of one (B, D) float32 tensor."""
+    shared machine hit every provider alike; each provider's second call (after a warm-up
+    call, where torch.compile compiles) gives its peak memory.  `reps` rounds (fewer, at
+    least 2, once they pass 60 s; up to 4 * reps while a round takes under 50 ms per
+    provider, as short calls are noisier).  Rows: the harness's standard ones plus peak
+    memory in units of one (B, D) float32 tensor."""
     peaks, times = {}, {}
     for provider, step in list(steps.items()):
         try:
+            step()  # warm-up outside the measurement (torch.compile compiles here)
+            synchronize(device)
             peaks[provider] = peak_memory(step, device)
             synchronize(device)
             times[provider] = []
