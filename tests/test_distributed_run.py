@@ -8,28 +8,33 @@ from helpers import one_thread, run_on_gloo_ranks
 
 pytestmark = pytest.mark.distributed
 
-KW = dict(overrides={"steps": 3, "batch_size": 4, "lora": 2, "lr": 1e-2}, progress=False)
+OVERRIDES = {
+    "default": {"steps": 3, "batch_size": 4, "lora": 2, "lr": 1e-2},
+    # a summed DMK (once 1/world of one process's) and shifted images (once drawn per rank)
+    "sum_shift": {"steps": 3, "batch_size": 12, "lora": 2, "lr": 1e-2, "reduction": "sum", "augment_shift": 2},
+}
 
 
-def _train():
+def _train(variant):
     from tiny_models import task_and_tokenizer, tiny_llava
     from unlearn_fast.methods.runner import run_lm_method
 
     task, tok = task_and_tokenizer()  # the built-in digits task
-    res = run_lm_method("siu", tiny_llava(), tok, task, "seven", **KW)
+    res = run_lm_method("siu", tiny_llava(), tok, task, "seven", overrides=OVERRIDES[variant], progress=False)
     return {"state": {k: v.detach().clone() for k, v in res.model.state_dict().items()},
             "losses": [h[k] for h in res.history for k in ("ce", "dmk", "loss")]}
 
 
-def _on_rank(rank):
-    return _train()
+def _on_rank(rank, variant):
+    return _train(variant)
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
-    ddp = run_on_gloo_ranks(_on_rank, tmp_path)
+@pytest.mark.parametrize("variant", list(OVERRIDES))
+def test_two_gloo_processes_equal_one(tmp_path, variant):
+    ddp = run_on_gloo_ranks(_on_rank, tmp_path, variant)
     with one_thread():  # as the workers
-        single = _train()
-    assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-7)
+        single = _train(variant)
+    assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-6)
     for name, w in single["state"].items():
         torch.testing.assert_close(ddp["state"][name], w, rtol=1e-5, atol=1e-6, msg=name)
     base = __import__("tiny_models").tiny_llava().state_dict()

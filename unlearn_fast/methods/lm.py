@@ -21,6 +21,12 @@ from unlearn_fast.ops.token_stats import token_stats
 IGNORE_INDEX = -100
 
 
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """total / count, where under torch.distributed both are this rank's share: the
     count is summed over ranks and the result scaled by the world size, so that after
@@ -113,8 +119,8 @@ class LMContext:
         total = fused_linear_dual_masked_kl(hidden[:, :-1], w, t_hidden[:, :-1], t_w, mask, vocab_mask,
                                             form=form, reduction="sum", temperature=temperature,
                                             student_bias=b, teacher_bias=t_b, backend=self.backend)
-        if reduction == "sum":
-            return total
+        if reduction == "sum":  # times the world size: the trainer averages gradients over ranks
+            return total * _world_size()
         # "mean": over the kept positions; "siu": also over the vocabulary (the reference
         # code's Z = kept positions x V)
         scale = w.shape[0] if reduction == "siu" else 1

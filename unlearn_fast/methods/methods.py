@@ -311,10 +311,13 @@ class SIU(Method):
 
         from unlearn_fast.models.builtin import shift_image
 
-        rng = np.random.default_rng([self.data.seed, int(i)])
-        rows = [stream.rows[k] for k in stream.indices(i)]
-        rows = [dataclasses.replace(r, image=shift_image(r.image, rng, shift)) if r.image is not None else r
-                for r in rows]
+        rows = []
+        for k in stream.indices(i):
+            r = stream.rows[k]
+            if r.image is not None:  # one generator per (step, row): the same shift on any rank
+                rng = np.random.default_rng([self.data.seed, int(i), int(k)])
+                r = dataclasses.replace(r, image=shift_image(r.image, rng, shift))
+            rows.append(r)
         return self.data.collate_to_device(rows)
 
     def losses(self, i):
