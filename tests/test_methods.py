@@ -220,8 +220,10 @@ def test_mmunlearner_geometry_runs():
     assert "forget_ce" in res.history[0] and "forget_ce" not in res.history[1] and "retain_ce" in res.history[1]
 
 
-def test_multidelete_terms_match_eager():
-    from unlearn_fast.methods.multidelete import MultiDelete, fused_pair
+def _multidelete_on_a_perturbed_clip(**hp):
+    """(MultiDelete, the trained model, its frozen reference), the model a little away
+    from the reference so that every term is non-zero."""
+    from unlearn_fast.methods.multidelete import MultiDelete
     from unlearn_fast.models import Reference, get_adapter
 
     task, tok = task_and_tokenizer()
@@ -230,7 +232,13 @@ def test_multidelete_terms_match_eager():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    md = MultiDelete(model, get_adapter(model), tok, task, CONCEPT, ref, batch_size=5, uni_weight=0.5)
+    return MultiDelete(model, get_adapter(model), tok, task, CONCEPT, ref, batch_size=5, **hp), model, ref
+
+
+def test_multidelete_terms_match_eager():
+    from unlearn_fast.methods.multidelete import fused_pair
+
+    md, model, ref = _multidelete_on_a_perturbed_clip(uni_weight=0.5)
     terms = md.losses(3)
     f, r = md.forget(3), md.retain(3)
     caps = [c for _, c in f]
@@ -253,16 +261,7 @@ def test_multidelete_terms_match_eager():
 
 def test_multidelete_image_and_text_unimodal_term():
     # unimodal="image+text": the uni term also keeps the forget captions' text embeddings
-    from unlearn_fast.methods.multidelete import MultiDelete
-    from unlearn_fast.models import Reference, get_adapter
-
-    task, tok = task_and_tokenizer()
-    model = tiny_clip()
-    ref = Reference(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    md = MultiDelete(model, get_adapter(model), tok, task, CONCEPT, ref, batch_size=5, unimodal="image+text")
+    md, model, ref = _multidelete_on_a_perturbed_clip(unimodal="image+text")
     terms = md.losses(1)
     f = md.forget(1)
     imgs, caps = [x for x, _ in f], [c for _, c in f]

@@ -194,6 +194,21 @@ BAD_CASES = ["model_missing", "data_missing", "bad_row", "concept", "backbone", 
              "siu_without_description", "mask_fraction_range"]
 
 
+# the cases that differ from a good run only by their extra arguments
+EXTRA_ARGS = {
+    "multidelete_clip_on_llava": ["--set", "multidelete.arch=clip"],
+    "multidelete_llava_on_clip": ["--set", "multidelete.arch=llava"],
+    "fsdp_single_process": ["--fsdp"],
+    "bad_set": ["--set", "ga.betta=1"],
+    "bad_global_set": ["--set", "betta=1"],
+    "lr_not_a_number": ["--set", "lr=abc"],
+    "bad_preset": ["--set", "siu.preset=bogus"],
+    "negative_lora": ["--lora", "-1"],
+    "zero_new_tokens": ["--max-new-tokens", "0"],
+    "mask_fraction_range": ["--set", "mmunlearner.mask_fraction=2"],
+}
+
+
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case):
     out = tmp_path / "out"
@@ -227,28 +242,11 @@ def test_bad_input_fails_fast_and_writes_nothing(assets, tmp_path, capsys, case)
         value = _llama(tmp_path)
     elif case == "out_in_model":
         out = os.path.join(assets["llava"], "results")
-    elif case == "multidelete_clip_on_llava":
-        args["extra"] = ["--set", "multidelete.arch=clip"]
     elif case == "multidelete_llava_on_clip":
-        args["model"], args["extra"] = assets["clip"], ["--set", "multidelete.arch=llava"]
-    elif case == "fsdp_single_process":
-        args["extra"] = ["--fsdp"]
-    elif case == "bad_set":
-        args["extra"] = ["--set", "ga.betta=1"]
-    elif case == "bad_global_set":
-        args["extra"] = ["--set", "betta=1"]
-    elif case == "lr_not_a_number":
-        args["extra"] = ["--set", "lr=abc"]
-    elif case == "bad_preset":
-        args["extra"] = ["--set", "siu.preset=bogus"]
-    elif case == "negative_lora":
-        args["extra"] = ["--lora", "-1"]
-    elif case == "zero_new_tokens":
-        args["extra"] = ["--max-new-tokens", "0"]
+        args["model"] = assets["clip"]
     elif case == "siu_without_description":
         args["data"] = _no_description_jsonl(tmp_path)
-    elif case == "mask_fraction_range":
-        args["extra"] = ["--set", "mmunlearner.mask_fraction=2"]
+    args["extra"] = EXTRA_ARGS.get(case, [])
     if key:
         args[key] = value
     argv = ["run", "--method", args["method"], "--model", args["model"], "--data", args["data"],

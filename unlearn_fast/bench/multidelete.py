@@ -50,25 +50,25 @@ def _env_ints(name, default):
 
 
 def auto_provider(op, shape, dtype, device):
-    """What backend="auto" runs for this suite's ops (summary.md), including
-    similarity_matching_loss's own routing of small batches to eager on the CPU."""
+    """What backend="auto" runs for this suite's ops (summary.md): the ops' own rule
+    (``resolve_for_inputs``), with their CPU crossovers to eager for small batches."""
     from unlearn_fast.bench.plots import parse_shape
     from unlearn_fast.bench.summary import registry_auto
+    from unlearn_fast.ops._common import resolve_for_inputs
     from unlearn_fast.ops.modality import AUTO_EAGER_DECOUPLING_ELEMENTS, AUTO_EAGER_MAX_ELEMENTS
 
+    dims = parse_shape(shape)
     if op == "modality_decoupling":
-        dims = parse_shape(shape)
-        n, d = dims.get("N"), dims.get("D")
-        if (device == "cpu" and dtype == "float32" and isinstance(n, int) and isinstance(d, int)
-                and n * d <= AUTO_EAGER_DECOUPLING_ELEMENTS):  # (bf16/fp16 always run fused)
-            return "eager"
-        return registry_auto(OP_DECOUPLING, shape, dtype, device)
-    if op not in ("similarity_mse", "similarity_kl"):
+        registry_op, n, d = OP_DECOUPLING, dims.get("N"), dims.get("D")
+        small = isinstance(n, int) and isinstance(d, int) and n * d <= AUTO_EAGER_DECOUPLING_ELEMENTS
+    elif op in ("similarity_mse", "similarity_kl"):
+        registry_op, b = OP_SIMILARITY, dims.get("B")
+        small = isinstance(b, int) and b * b <= AUTO_EAGER_MAX_ELEMENTS
+    else:
         return None
-    b = parse_shape(shape).get("B")
-    if device == "cpu" and dtype == "float32" and isinstance(b, int) and b * b <= AUTO_EAGER_MAX_ELEMENTS:
-        return "eager"
-    return registry_auto(OP_SIMILARITY, shape, dtype, device)
+    if registry_auto(registry_op, shape, dtype, device) is None:  # unavailable here
+        return None
+    return resolve_for_inputs(registry_op, "auto", device, getattr(torch, dtype), eager_faster_on_cpu=small)
 
 
 def _eager_budget(device: str) -> float:

@@ -252,6 +252,7 @@ def _prepare(args) -> dict:
 
     from unlearn_fast.data import load_task
     from unlearn_fast.methods.methods import check_hyperparameters, check_method_data
+    from unlearn_fast.methods.multidelete import check_pair_data
     from unlearn_fast.methods.runner import method_defaults
 
     _check_paths(args)
@@ -321,10 +322,10 @@ def _prepare(args) -> dict:
         task = (lm or clip)[2] or load_task("builtin")
     concept = task.concept(args.concept or "seven").name
     for m in methods:  # the rows each method trains on, before any model is copied
-        if m != "multidelete":
+        if m == "multidelete":
+            check_pair_data(task, concept)
+        else:
             check_method_data(m, task, concept, args.seed)
-        elif len(task.image_caption_pairs(concept)[0]) < 2:
-            raise RunError(f"multidelete needs at least 2 trained-on image rows of {concept!r} to delete")
     settings = {k: getattr(args, k) for k in SETTINGS_KEYS}
     settings["concept"] = concept
     run_file = os.path.join(args.out, "run.json")

@@ -24,6 +24,7 @@ README); any of them can be overridden (``unlearn-fast run --set key=value``).
 """
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -32,7 +33,7 @@ import torch
 
 from unlearn_fast.data.schema import Example, UnlearningTask
 from unlearn_fast.methods.lm import LMContext, answer_mask, attended_mask
-from unlearn_fast.methods.trainer import BatchStream, Trainer
+from unlearn_fast.methods.trainer import SCHEDULES, BatchStream, Trainer
 
 SIU_PRESETS = {
     # ours: KL form, mean over the kept answer positions, K_S on the answer tokens
@@ -138,8 +139,6 @@ def check_hyperparameters(method: str, hp: Dict[str, object]) -> None:
     """Check one method's merged hyperparameters (defaults + overrides) before anything
     is built or written; raises ValueError naming the bad one.  The run command calls it
     for every selected method up front, and each method's constructor calls it again."""
-    import math
-
     def bad(key, what):
         raise ValueError(f"{method}: {key} must be {what}, got {hp[key]!r}")
 
@@ -159,8 +158,6 @@ def check_hyperparameters(method: str, hp: Dict[str, object]) -> None:
     def choice(key, options):
         if hp.get(key) not in options:
             bad(key, "one of " + ", ".join(repr(o) for o in options))
-
-    from unlearn_fast.methods.trainer import SCHEDULES
 
     number("lr", minimum=0)
     number("steps", integer=True, minimum=1)

@@ -55,6 +55,14 @@ def fused_pair(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.T
     return torch.nn.functional.normalize(image_embeds, dim=-1) * torch.nn.functional.normalize(text_embeds, dim=-1)
 
 
+def check_pair_data(task, concept: str) -> None:
+    """Raise ValueError unless ``task`` has the image-caption pairs MultiDelete trains on
+    for ``concept`` (the run command calls it up front, before anything is written)."""
+    name = task.concept(concept).name
+    if len(task.image_caption_pairs(name)[0]) < 2:
+        raise ValueError(f"multidelete needs at least 2 image-caption pairs of {name!r} to delete")
+
+
 class MultiDelete:
     name = "multidelete"
     needs_reference = True
@@ -75,10 +83,9 @@ class MultiDelete:
         self.seed = seed
         c = task.concept(concept)
         self.task, self.concept = task, c.name
+        check_pair_data(task, c.name)
         f_imgs, f_caps, _ = task.image_caption_pairs(c.name)
         r_imgs, r_caps, _ = task.image_caption_pairs(exclude_concept=c.name)
-        if len(f_imgs) < 2:
-            raise ValueError(f"multidelete needs at least 2 image-caption pairs of {c.name!r} to delete")
         self.other_captions = sorted(set(r_caps))
         bs = int(self.hp["batch_size"])
         self.forget = BatchStream(list(zip(f_imgs, f_caps)), bs, lambda rows: rows, seed=seed, name="forget pairs")
