@@ -49,17 +49,32 @@ def run_on_gloo_ranks(fn, tmp_path, *args, world: int = 2, weights_only: bool = 
 
 
 def _gloo_rank(rank, world, store, out_path, fn, args):
+    import faulthandler
+    import gc
+    import os
+    import sys
+
     import torch.distributed as dist
 
+    faulthandler.enable()  # a native crash prints every thread's Python stack into the test log
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         result = fn(rank, *args)
         if rank == 0:
             torch.save(result, out_path)
+        del result
+        gc.collect()  # FSDP modules caught in reference cycles still hold the process group
         dist.barrier()  # no rank tears the group down while another still communicates
     finally:
         dist.destroy_process_group()
+    # A worker that passed leaves without interpreter finalisation.  CI once saw a rank abort
+    # ("terminate called without an active exception", SIGABRT) after FSDP runs; CPython
+    # ends native threads that want the GIL during finalisation with a forced unwind, which
+    # std::terminate()s in a noexcept frame.  Nothing of the test's is left to run here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @contextlib.contextmanager

@@ -280,3 +280,63 @@ def test_multidelete_is_refused_under_torchrun(assets, tmp_path, capsys, monkeyp
     out = tmp_path / "md2"
     assert _run(assets, out, "--steps", "1", method="multidelete", model="clip") == 2
     assert "multidelete runs in one process only" in capsys.readouterr().err and not out.exists()
+
+
+def test_device_flag_and_one_gpu_per_rank():
+    from unlearn_fast.methods.cli import RunError, resolve_device
+
+    assert resolve_device(None, 0, env={}) == "cpu"
+    assert resolve_device(None, 2, env={}) == "cuda"
+    assert resolve_device("cuda:1", 2, env={}) == "cuda:1"
+    # under torchrun a bare "cuda" is this rank's GPU, not cuda:0 for every rank
+    torchrun = {"WORLD_SIZE": "4", "LOCAL_RANK": "1", "RANK": "3"}
+    assert resolve_device("cuda", 2, env=torchrun) == "cuda:1"
+    assert resolve_device(None, 2, env=torchrun) == "cuda:1"
+    assert resolve_device("cpu", 2, env=torchrun) == "cpu"
+    with pytest.raises(RunError, match="2 CUDA GPU.*nproc-per-node"):
+        resolve_device("cuda", 2, env={**torchrun, "LOCAL_RANK": "2"})
+    with pytest.raises(RunError, match="no CUDA GPU"):
+        resolve_device("cuda", 0, env={})
+    for bad in ("gpu", "cuda:x", "cuda:"):
+        with pytest.raises(RunError, match="cpu, cuda or cuda:K"):
+            resolve_device(bad, 1, env={})
+
+
+def _cli_rank(rank, world, port, argv, out_path):
+    """One torchrun-like worker: the environment torchrun sets, no process group yet."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    code = cli_main(argv)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"code": code, "group_left": dist.is_initialized()}, f)
+
+
+def test_two_process_run_restarts_and_tears_down_its_process_group(assets, tmp_path):
+    """A 2-process CLI run that creates its own process group (as under torchrun): --restart
+    over an earlier run (rank 0 cleans, the other rank waits), and the group is destroyed
+    when the run ends."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "ddp"
+    argv = ["run", "--method", "ga", "--model", assets["llava"], "--data", assets["data"], "--concept", "seven",
+            "--out", str(out), "--steps", "1", "--eval-max-examples", "2", "--max-new-tokens", "2",
+            "--throughput-steps", "0", "--no-progress", "--set", "batch_size=2"]
+    assert cli_main(argv) == 0  # an earlier one-process run
+    stale = json.loads((out / "results.json").read_text())
+    (out / "ga" / "marker.txt").write_text("from the earlier run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tmp_path / "rank0.json"
+    mp.spawn(_cli_rank, args=(2, port, argv + ["--restart"], str(result)), nprocs=2, join=True)
+    assert json.loads(result.read_text()) == {"code": 0, "group_left": False}
+    assert not (out / "ga" / "marker.txt").exists()  # cleaned by --restart
+    fresh = json.loads((out / "results.json").read_text())
+    assert fresh["methods"][0]["method"] == "ga" and fresh["methods"][0]["wall_seconds"] != stale["methods"][0]["wall_seconds"]

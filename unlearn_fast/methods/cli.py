@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA rank for the language-model methods and MultiDelete on LLaVA (0: full fine-tuning; "
                         "default: each method's preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, LoRA init and sampling (default 0)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:K (default: cuda when available; under torchrun, cuda is cuda:$LOCAL_RANK)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"],
                    help="bf16: autocast the training and throughput steps (default: no)")
     p.add_argument("--eval-max-examples", type=int, default=200,
@@ -220,14 +221,48 @@ def _read_json(path: str):
         return json.load(f)
 
 
+def resolve_device(requested: Optional[str], cuda_devices: int, env=os.environ) -> str:
+    """--device (cpu, cuda or cuda:K; default cuda when there is one).  Under torchrun /
+    accelerate launch a bare "cuda" is this process's GPU, cuda:$LOCAL_RANK: left as
+    "cuda", every rank of a node would train on cuda:0."""
+    device = requested or ("cuda" if cuda_devices > 0 else "cpu")
+    if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise RunError(f"--device must be cpu, cuda or cuda:K, got {device!r}")
+    if device == "cpu":
+        return device
+    if cuda_devices == 0:
+        raise RunError(f"--device {device}: no CUDA GPU is available")
+    if device == "cuda" and int(env.get("WORLD_SIZE", "1")) > 1:
+        device = f"cuda:{int(env.get('LOCAL_RANK', '0'))}"
+    if device.startswith("cuda:") and int(device[5:]) >= cuda_devices:
+        raise RunError(f"--device {device}: this machine has {cuda_devices} CUDA GPU(s)"
+                       + (" (is --nproc-per-node above the GPU count?)" if "LOCAL_RANK" in env else ""))
+    return device
+
+
 def _init_distributed(device: str):
+    """(rank, world size, whether this call created the process group)."""
     import torch
 
+    created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        created = True
     if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), created
+    return 0, 1, created
+
+
+def _end_distributed() -> None:
+    """Tear down the process group this run created, while the interpreter is fully alive:
+    models still holding it (FSDP modules in reference cycles) are collected first, so no
+    communication thread is left to meet interpreter shutdown."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.distributed.destroy_process_group()
 
 
 def main(args) -> int:
@@ -273,11 +308,9 @@ def _prepare(args) -> dict:
     for key in sets.get("*", {}):
         if not any(key in overrides[m] for m in methods):
             raise RunError(f"--set {key}=...: no selected method has a hyperparameter {key!r}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise RunError(f"--device must be cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError("--device cuda: no CUDA GPU is available")
+    device = resolve_device(args.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # NCCL and bare .cuda() calls use the current device
     if args.threads:
         torch.set_num_threads(args.threads)
     task = load_task(args.data) if args.data != "builtin" else None  # validates user data now
@@ -346,9 +379,17 @@ def _prepare(args) -> dict:
 
 
 def _execute(args, plan) -> int:
+    rank, world, created_group = _init_distributed(plan["device"])
+    try:
+        return _execute_ranks(args, plan, rank, world)
+    finally:
+        if created_group:
+            _end_distributed()
+
+
+def _execute_ranks(args, plan, rank: int, world: int) -> int:
     methods, task, concept, device = plan["methods"], plan["task"], plan["concept"], plan["device"]
     lm, clip = plan["lm"], plan["clip"]
-    rank, world = _init_distributed(device)
     out = args.out
     if rank == 0:
         if args.restart and os.path.isdir(out):
