@@ -274,14 +274,6 @@ def test_model_folder_with_the_default_builtin_data(assets, tmp_path):
     assert json.loads((out / "results.json").read_text())["concept"] == "seven"
 
 
-def test_multidelete_is_refused_under_torchrun(assets, tmp_path, capsys, monkeypatch):
-    # its mismatched captions and its mean are per rank: two processes would train otherwise
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    out = tmp_path / "md2"
-    assert _run(assets, out, "--steps", "1", method="multidelete", model="clip") == 2
-    assert "multidelete runs in one process only" in capsys.readouterr().err and not out.exists()
-
-
 def test_device_flag_and_one_gpu_per_rank():
     from unlearn_fast.methods.cli import RunError, resolve_device
 

@@ -300,11 +300,6 @@ def _prepare(args) -> dict:
     if getattr(args, "fsdp", False) and unsharded:
         raise RunError(f"--fsdp: {', '.join(unsharded)} do(es) not run sharded yet (leave out --fsdp for DDP, or "
                        f"pick another --method)")
-    if unsharded and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # its mismatched captions are drawn over each rank's share of the batch and its loss
-        # is a per-rank mean: two processes would not train what one does
-        raise RunError("multidelete runs in one process only (not under torchrun / accelerate launch); "
-                       "pick a language-model --method for multi-process runs")
     for key in sets.get("*", {}):
         if not any(key in overrides[m] for m in methods):
             raise RunError(f"--set {key}=...: no selected method has a hyperparameter {key!r}")

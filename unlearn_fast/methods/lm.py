@@ -13,6 +13,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from unlearn_fast.metrics.distributed import world
 from unlearn_fast.ops.fused_linear import fused_linear_dual_masked_kl
 from unlearn_fast.ops.dual_masked_kl import build_vocab_mask
 from unlearn_fast.ops.losses import cross_entropy, sequence_logprob
@@ -22,9 +23,16 @@ IGNORE_INDEX = -100
 
 
 def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+    return world()[1]
+
+
+def global_counts(count: torch.Tensor) -> torch.Tensor:
+    """This rank's count(s) summed over the ranks (float32; the counts in one process)."""
+    count = count.detach().to(torch.float32)
+    if _world_size() > 1:
+        count = count.clone()
+        torch.distributed.all_reduce(count)
+    return count
 
 
 def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -32,13 +40,10 @@ def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     count is summed over ranks and the result scaled by the world size, so that after
     the trainer averages gradients over ranks the loss (and its gradient) equal the
     single-process mean over the whole global batch.  0 when nothing is counted."""
-    count = count.detach().to(torch.float32)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        if world > 1:
-            count = count.clone()
-            torch.distributed.all_reduce(count)
-            return total * world / count.clamp(min=1.0)
+    world = _world_size()
+    count = global_counts(count)
+    if world > 1:
+        return total * world / count.clamp(min=1.0)
     return total / count.clamp(min=1.0)
 
 

@@ -30,9 +30,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from unlearn_fast.ops.modality import derangement, modality_decoupling_loss
+from unlearn_fast.ops.modality import TERM_NAMES, derangement, modality_decoupling_loss
+from unlearn_fast.methods.lm import global_counts
 from unlearn_fast.methods.methods import COMMON_DEFAULTS, check_hyperparameters
-from unlearn_fast.methods.trainer import BatchStream, Trainer, seed_everything, trim_log
+from unlearn_fast.methods.trainer import BatchStream, Trainer, dist_info, rank_share, seed_everything, trim_log
 from unlearn_fast.models.adapters import (CLIPAdapter, LlavaAdapter, Qwen2VLAdapter, UnsupportedModelError,
                                           get_adapter)
 from unlearn_fast.models.lora import Reference, merged_copy
@@ -110,6 +111,35 @@ class MultiDelete:
             out.append(cap)
         return out
 
+    def mismatched_share(self, i: int) -> List[str]:
+        """This rank's share of forget batch ``i``'s mismatched captions.  They are drawn
+        over the whole global batch, so every process count pairs the same images with
+        the same captions (all of them in one process)."""
+        captions = [self.forget.rows[k][1] for k in self.forget.global_indices(i)]
+        return rank_share(self.mismatched_captions(captions, i))
+
+    def decoupling_loss(self, student_forget, reference_shuffled, student_retain, reference_retain,
+                        student_uni, reference_uni) -> Dict[str, torch.Tensor]:
+        """The weighted loss and its terms (detached references).  Under torch.distributed
+        each term is this rank's share of the global batch's mean, scaled as
+        ``lm.global_mean``: after the trainer averages gradients over ranks, the update is
+        the one-process update whatever the shares' sizes."""
+        weights = [float(self.hp["md_weight"]), float(self.hp["multi_weight"]), float(self.hp["uni_weight"])]
+        distance = str(self.hp["distance"])
+        pairs = (student_forget, reference_shuffled.detach(), student_retain, reference_retain.detach(),
+                 student_uni, reference_uni.detach())
+        if dist_info()[1] == 1:
+            loss, terms = modality_decoupling_loss(*pairs, weights=weights, distance=distance, return_terms=True,
+                                                   backend=self.backend)
+            return {"loss": loss, **terms}
+        # the mean's denominators: elements (mse) or embeddings (cosine) of each term, all ranks'
+        local = [s.numel() if distance == "mse" else s.numel() // s.shape[-1] for s in pairs[::2]]
+        scales = (dist_info()[1] / global_counts(torch.tensor(local)).clamp(min=1.0)).tolist()
+        loss, sums = modality_decoupling_loss(*pairs, weights=[w * c for w, c in zip(weights, scales)],
+                                              distance=distance, reduction="sum", return_terms=True,
+                                              backend=self.backend)
+        return {"loss": loss, **{name: sums[name] * c for name, c in zip(TERM_NAMES, scales)}}
+
     def losses(self, i: int) -> Dict[str, torch.Tensor]:
         f = self.forget(i)
         r = self.retain(i)
@@ -118,20 +148,15 @@ class MultiDelete:
         s_fi, s_ft = self._embed(self.model, f_imgs, f_caps)
         s_ri, s_rt = self._embed(self.model, r_imgs, r_caps)
         with self.reference.active() as ref:
-            m_fi, m_fperm = self._embed(ref, f_imgs, self.mismatched_captions(f_caps, i))
+            m_fi, m_fperm = self._embed(ref, f_imgs, self.mismatched_share(i))
             m_ri, m_rt = self._embed(ref, r_imgs, r_caps)
             if self.hp["unimodal"] == "image+text":
                 _, m_ft = self._embed(ref, f_imgs, f_caps)  # text embeddings of T_f (the images pair them up)
         student_uni, reference_uni = s_fi, m_fi
         if self.hp["unimodal"] == "image+text":
             student_uni, reference_uni = torch.cat([s_fi, s_ft]), torch.cat([m_fi, m_ft])
-        loss, terms = modality_decoupling_loss(
-            fused_pair(s_fi, s_ft), fused_pair(m_fi, m_fperm).detach(),
-            fused_pair(s_ri, s_rt), fused_pair(m_ri, m_rt).detach(),
-            student_uni, reference_uni.detach(),
-            weights=(float(self.hp["md_weight"]), float(self.hp["multi_weight"]), float(self.hp["uni_weight"])),
-            distance=str(self.hp["distance"]), return_terms=True, backend=self.backend)
-        return {"loss": loss, "md": terms["md"], "multi": terms["multi"], "uni": terms["uni"]}
+        return self.decoupling_loss(fused_pair(s_fi, s_ft), fused_pair(m_fi, m_fperm), fused_pair(s_ri, s_rt),
+                                    fused_pair(m_ri, m_rt), student_uni, reference_uni)
 
     def prepare(self, trainer: Trainer) -> None:
         pass

@@ -37,7 +37,6 @@ import torch
 
 from unlearn_fast.data.schema import Example
 from unlearn_fast.methods.multidelete import MultiDelete
-from unlearn_fast.ops.modality import modality_decoupling_loss
 
 
 def last_token_states(model, adapter, tokenizer, images: Sequence, captions: Sequence) -> torch.Tensor:
@@ -91,14 +90,10 @@ class LlavaMultiDelete(MultiDelete):
         r_imgs, r_caps = [x for x, _ in r], [c for _, c in r]
         student = self.representations(self.model, [f_imgs, r_imgs], [f_caps, r_caps, f_caps], uni=True)
         with self.reference.active() as ref:
-            original = self.representations(ref, [f_imgs, r_imgs],
-                                            [self.mismatched_captions(f_caps, i), r_caps, f_caps], uni=True)
-        loss, terms = modality_decoupling_loss(
-            student["forget"], original["forget"].detach(), student["retain"], original["retain"].detach(),
-            student["uni"], original["uni"].detach(),
-            weights=(float(self.hp["md_weight"]), float(self.hp["multi_weight"]), float(self.hp["uni_weight"])),
-            distance=str(self.hp["distance"]), return_terms=True, backend=self.backend)
-        return {"loss": loss, "md": terms["md"], "multi": terms["multi"], "uni": terms["uni"]}
+            original = self.representations(ref, [f_imgs, r_imgs], [self.mismatched_share(i), r_caps, f_caps],
+                                            uni=True)
+        return self.decoupling_loss(student["forget"], original["forget"], student["retain"], original["retain"],
+                                    student["uni"], original["uni"])
 
 
 # --------------------------------------------------------------------------------------

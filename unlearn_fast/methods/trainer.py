@@ -28,6 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from unlearn_fast.metrics.distributed import world
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -66,11 +68,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def dist_info():
-    """(rank, world size) of torch.distributed, (0, 1) when not initialised."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+# (rank, world size) of torch.distributed, (0, 1) when not initialised
+dist_info = world
+
+
+def rank_share(items: Sequence) -> list:
+    """This rank's share of a global batch's items: every world-th, from the rank."""
+    rank, world = dist_info()
+    return list(items[rank::world])
 
 
 class BatchStream:
@@ -88,21 +93,25 @@ class BatchStream:
         self.per_epoch = max(1, len(self.rows) // self.batch_size)
         self._cache: Dict[int, dict] = {}
 
-    def indices(self, i: int) -> List[int]:
+    def global_indices(self, i: int) -> List[int]:
+        """The rows of global batch ``i`` (every rank's), in the order the ranks' shares
+        are dealt from: rank r's share is ``global_indices(i)[r::world]``."""
         epoch, j = divmod(int(i), self.per_epoch)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
         else:
             order = np.arange(len(self.rows))
         idx = order[j * self.batch_size:(j + 1) * self.batch_size].tolist()
-        rank, world = dist_info()
-        if world == 1:
+        if dist_info()[1] == 1:
             return idx
         # image rows first (stable): every rank's share holds an image whenever the global
         # batch has >= world of them, so under FSDP the vision encoder (a collective) runs
         # on every rank or on none; fewer images than ranks still mismatch (see fsdp.py)
-        idx = sorted(idx, key=lambda k: getattr(self.rows[k], "image", None) is None)
-        return idx[rank::world]
+        return sorted(idx, key=lambda k: getattr(self.rows[k], "image", None) is None)
+
+    def indices(self, i: int) -> List[int]:
+        """This rank's rows of batch ``i`` (all of them in one process)."""
+        return rank_share(self.global_indices(i))
 
     def __call__(self, i: int) -> dict:
         key = int(i) % (self.per_epoch * (1 << 20))
