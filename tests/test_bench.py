@@ -520,3 +520,35 @@ def test_cpu_peak_memory_counts_a_returned_tensor():
     nbytes = 4 * 2**20
     for _ in range(5):
         assert peak_memory(lambda: torch.ones(nbytes // 4)) >= 0.9 * nbytes
+
+
+def test_a_cpu_case_too_big_for_memory_is_skipped_not_killed(monkeypatch, tmp_path, capsys):
+    """On the CPU an allocation past the available memory does not raise: the OOM killer
+    ends the run.  bench linear estimates what an eager case needs and records it as
+    failed instead; the fused providers, which need a fraction, still run."""
+    import json
+
+    from unlearn_fast import cli
+    from unlearn_fast.bench import harness
+
+    monkeypatch.setattr(harness, "available_cpu_memory", lambda: 2**20)  # 1 MiB free
+    out = tmp_path / "out"
+    assert cli.main(["bench", "linear", "--quick", "--device", "cpu", "--ops", "cross_entropy", "--modes", "fwd",
+                     "--no-plot", "--out", str(out)]) == 0
+    assert "cross_entropy eager fwd N=512,H=256,V=4099 float32 failed: MemoryError" in capsys.readouterr().out
+    rows = json.loads((out / "bench.json").read_text())
+    failed = {r["provider"] for r in rows if r["metric"] == "failed"}
+    timed = {r["provider"] for r in rows if r["metric"] == "time_median_s" and r["op"] == "cross_entropy"}
+    assert failed == {"eager"} and "cpp" in timed and "eager" not in timed
+
+
+def test_memory_check_passes_what_fits():
+    from unlearn_fast.bench import harness
+
+    free = harness.available_cpu_memory()
+    assert free is None or free > 0
+    harness.check_fits_in_memory(2**20, "cpu", "a small case")  # fits anywhere this suite runs
+    harness.check_fits_in_memory(2**60, "cuda", "a GPU case")  # CUDA raises its own OOM
+    if free is not None:  # Linux: /proc/meminfo
+        with pytest.raises(MemoryError, match="needs about"):
+            harness.check_fits_in_memory(2**60, "cpu", "an exabyte")

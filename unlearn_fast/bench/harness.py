@@ -94,6 +94,32 @@ def median_iqr(times: List[float]):
     return med, max(times) - min(times)
 
 
+def available_cpu_memory() -> Optional[int]:
+    """Bytes the kernel says a new allocation can get without swapping (MemAvailable in
+    /proc/meminfo); None where that file does not exist."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits_in_memory(need_bytes: float, device: str, what: str, headroom: float = 0.9) -> None:
+    """Raise MemoryError (which the suites record as a failed case) when a CPU case is
+    estimated to need more than ``headroom`` of the available memory.  On the CPU an
+    allocation past it does not raise: the kernel's OOM killer ends the whole run, with
+    every row it had not written yet.  CUDA raises OutOfMemoryError itself: no check."""
+    if device != "cpu":
+        return
+    free = available_cpu_memory()
+    if free is not None and need_bytes > headroom * free:
+        raise MemoryError(f"{what} needs about {need_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available here: "
+                          f"skipped (fewer tokens fit)")
+
+
 def _rss_bytes() -> int:
     """Resident anonymous memory (resident minus file-backed pages), where tensors live.  File
     pages (the mapped libraries) are counted out: the kernel may reclaim cold ones during a

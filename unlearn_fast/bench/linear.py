@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from unlearn_fast.bench import peers
 from unlearn_fast.bench.common import bench_device, bench_dtypes, bench_providers, dtype_str, shape_str
-from unlearn_fast.bench.harness import peak_memory, synchronize, time_fn
+from unlearn_fast.bench.harness import check_fits_in_memory, peak_memory, synchronize, time_fn
 
 DESCRIPTION = "head-level fused ops (linear CE, fused linear DMK, token stats + MIA): eager vs compile vs fused"
 # head name -> (hidden H, vocabulary V): LLaVA-1.5-7B's and Qwen2-VL-7B's heads, and H=4096
@@ -67,6 +67,16 @@ PROMPT_LEN = 32  # ignored positions at the start of every sequence
 MINK = 0.4
 FORGET_IDS = [1, 7, 42]
 IGNORE = -100
+# The eager providers' peak above their inputs and returned gradients, in (N, V) float32
+# logits tensors: the most measured on the CPU at N = 64-4096 (benchmarks/results).  A CPU
+# case whose estimate does not fit in the available memory is skipped and recorded as
+# failed (harness.check_fits_in_memory): fused linear DMK's eager fwd+bwd at N = 4096 of
+# Qwen2-VL's head (~28 GiB) was killed by the OOM killer on a 24 GiB machine, run and all.
+EAGER_LOGITS_COPIES = {("cross_entropy", "fwd"): 2, ("cross_entropy", "fwd+bwd"): 4,
+                       ("cross_entropy", "fwd+bwd_frozen"): 3, ("fused_linear_dmk", "fwd"): 10,
+                       ("fused_linear_dmk", "fwd+bwd"): 12, ("fused_linear_dmk", "fwd+bwd_frozen"): 9,
+                       ("token_stats_mia", "fwd"): 9}
+LOGITS_MATERIALISING = ("eager", "eager_1pass", "compile")
 ALL_STATS = ("logprob", "lse", "entropy", "mean_logp", "std_logp", "argmax", "correct")
 
 
@@ -332,6 +342,10 @@ def _run_case(recorder, op, mode, providers, x, shape, dtype, device, reps, comp
             return out
 
         try:
+            if provider in LOGITS_MATERIALISING:
+                n, vocab = h.shape[0], w.shape[0]
+                check_fits_in_memory(EAGER_LOGITS_COPIES[op, mode] * n * vocab * 4 + grad_bytes, device,
+                                     f"{op} {provider} {mode} at N={n}, V={vocab}")
             times = time_fn(step, device, warmup=1, reps=reps, max_seconds=120.0)
             cpu_times = cpu_times[1:1 + len(times)]  # the timed calls: no warm-up, no memory call
             peak = peak_memory(step, device)
