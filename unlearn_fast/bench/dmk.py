@@ -89,5 +89,5 @@ def run(args, recorder) -> None:
                     if provider == "eager":
                         eager_med, eager_peak = med, peak
                     gc.collect()
-            del s, t
+            s = t = None  # free before the next shape (the step closures hold these names)
             gc.collect()

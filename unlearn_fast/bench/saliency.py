@@ -188,7 +188,7 @@ def _sections(S, shapes, device, dtype, providers, gen):
     for p in fused:
         fns[p] = (lambda a: lambda: a.accumulate(grads, 0.125))(S.FisherAccumulator(grads, backend=p))
     yield Case("fisher_accumulate", "F+=s*g^2", n * (es + 8), fns)
-    del fisher, fns
+    fisher = fns = None  # rebinding, not del: the closures above hold these names
 
     dense = [torch.rand(s, generator=gen).to(device) > 0.5 for s in shapes]
     float_masks = [m.to(dtype) for m in dense]  # the papers keep float masks
@@ -207,14 +207,14 @@ def _sections(S, shapes, device, dtype, providers, gen):
                                                              lam=LAM, project_out=retain, max_norm=MAX_NORM,
                                                              backend=be))(p)
     yield Case("transform_geometry_proj", "geom,clip,proj", n * (2 * (2 * es + 4 + 1 / 8) + es), fns)
-    del preserve, retain, fns
+    preserve = retain = fns = None
 
     originals = randn()
     fns = {"eager": lambda: paper_reset(grads, originals, float_masks)}
     for p in fused:
         fns[p] = (lambda be: lambda: S.reset_unmasked_(grads, originals, bits, backend=be))(p)
     yield Case("salun_reset", "reset", n * (3 * es + 1 / 8), fns)
-    del originals, float_masks, grads, bits, fns
+    originals = float_masks = grads = bits = fns = None
     gc.collect()
 
     if dtype == torch.float32:  # Fishers are float32 whatever the model dtype
@@ -225,7 +225,7 @@ def _sections(S, shapes, device, dtype, providers, gen):
         # the papers' float32 masks vs the packed BitMask (whole words per tensor)
         mask_bytes = {p: 4 * n if p == "eager" else 4 * sum((math.prod(s) + 31) // 32 for s in shapes) for p in fns}
         yield Case("ratio_mask", "mask", n * (8 + 1 / 8), fns, mask_bytes)
-        del ff, fp, fns
+        ff = fp = fns = None
         gc.collect()
 
     scores = randn(1e-3)
@@ -238,7 +238,7 @@ def _sections(S, shapes, device, dtype, providers, gen):
     for p in fused:
         fns[p] = (lambda be: lambda: S.topk_mask(scores, TOPK_FRACTION, backend=be))(p)
     yield Case("topk_mask", "select+mask", n * es + n / 8, fns)
-    del scores, fns
+    scores = fns = None
     gc.collect()
 
 
