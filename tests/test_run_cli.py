@@ -111,7 +111,13 @@ def test_interrupted_run_resumes(assets, tmp_path, capsys, monkeypatch):
     assert _run(assets, out, "--steps", "4", "--checkpoint-every", "2", method="graddiff") == 0
     row = json.loads((out / "graddiff" / "result.json").read_text())
     assert row["resumed_from_step"] == 2 and row["steps"] == 4
-    assert [json.loads(x)["step"] for x in (out / "graddiff" / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    log = [json.loads(x) for x in (out / "graddiff" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3, 4]
+    # the run's time counts the two steps the crashed process trained, not only this process's
+    before = log[0]["step_seconds"] + log[1]["step_seconds"]
+    assert row["train_seconds_before_resume"] == pytest.approx(before) and before > 0
+    assert row["train_seconds"] > before + log[2]["step_seconds"] + log[3]["step_seconds"]
+    assert row["wall_seconds"] == pytest.approx(row["train_seconds"] + row["eval_seconds"])
 
 
 def test_siu_reference_preset_with_lora(assets, tmp_path):

@@ -483,8 +483,12 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
               out_dir=mdir, progress=not args.no_progress, mixed_precision=args.mixed_precision,
               **{"checkpoint_every": args.checkpoint_every, **extra})
     train_s = time.perf_counter() - t0
+    # a resumed run's training time: the steps its checkpoint logged plus this process's
+    # part (the earlier process's model loading is not counted: nothing recorded it)
+    earlier_s = sum(float(h.get("step_seconds", 0.0)) for h in res.history[:res.resumed_from])
     if res.resumed_from:
-        print(f"[run] {method}: resumed from step {res.resumed_from}", flush=True)
+        print(f"[run] {method}: resumed from step {res.resumed_from} ({earlier_s:.1f}s of steps before)",
+              flush=True)
     t1 = time.perf_counter()
     pairs = method == "multidelete"
     row = _evaluate(res.model, tokenizer, task, concept, args, reference=model, pairs=pairs)
@@ -492,8 +496,8 @@ def _run_one(method, args, out, task, concept, loaded, overrides, base_rows, ran
         row = {**row, **_siu_efficacy(res.model, tokenizer, task, concept, args.seed, row, args.max_new_tokens)}
     eval_s = time.perf_counter() - t1
     row = {"method": method, **{k: row.get(k, math.nan) for k in LM_KEYS + PAIR_KEYS}, **row,
-           "train_seconds": train_s, "eval_seconds": eval_s, "wall_seconds": train_s + eval_s,
-           "steps": res.hp["steps"], "resumed_from_step": res.resumed_from,
+           "train_seconds": earlier_s + train_s, "eval_seconds": eval_s, "wall_seconds": earlier_s + train_s + eval_s,
+           "steps": res.hp["steps"], "resumed_from_step": res.resumed_from, "train_seconds_before_resume": earlier_s,
            "hyperparameters": {k: v for k, v in res.hp.items()}}
     base = base_rows.get(_base_key(method, model), {})
     if method != "multidelete" and base:
