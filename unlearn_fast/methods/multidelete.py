@@ -128,13 +128,17 @@ class MultiDelete:
         distance = str(self.hp["distance"])
         pairs = (student_forget, reference_shuffled.detach(), student_retain, reference_retain.detach(),
                  student_uni, reference_uni.detach())
-        if dist_info()[1] == 1:
+        world_size = dist_info()[1]
+        if world_size == 1:
             loss, terms = modality_decoupling_loss(*pairs, weights=weights, distance=distance, return_terms=True,
                                                    backend=self.backend)
             return {"loss": loss, **terms}
         # the mean's denominators: elements (mse) or embeddings (cosine) of each term, all ranks'
+        # (on the embeddings' device: nccl reduces CUDA tensors only; the weights are Python
+        # numbers, hence one small host read a step, only under torch.distributed)
         local = [s.numel() if distance == "mse" else s.numel() // s.shape[-1] for s in pairs[::2]]
-        scales = (dist_info()[1] / global_counts(torch.tensor(local)).clamp(min=1.0)).tolist()
+        counts = global_counts(torch.tensor(local, device=student_forget.device))
+        scales = (world_size / counts.clamp(min=1.0)).tolist()
         loss, sums = modality_decoupling_loss(*pairs, weights=[w * c for w, c in zip(weights, scales)],
                                               distance=distance, reduction="sum", return_terms=True,
                                               backend=self.backend)
